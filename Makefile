@@ -1,0 +1,32 @@
+# The two commands of the README: `make run` (the notebook, headless, on the embedded dataset) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_DIR := logging/notebook
+
+.PHONY: install test bench run clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@cat bench/results.json
+
+run: install
+	mkdir -p $(RUN_DIR)
+	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal.ipynb \
+		-k python3 -f notebook_embedded.yaml --cwd .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,32 @@
+"""Shared helpers of the benchmarks: medians and merging figures into bench/results.json."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of `fn()` in milliseconds after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def update_results(figures: Dict[str, float]) -> None:
+    """Merge `figures` into bench/results.json (atomic write), keeping other scripts' keys."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data.update(figures)
+    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, RESULTS)

@@ -1,0 +1,187 @@
+"""Settings for data and training (paper Sec. 4-5 and Appendix; SPEC.md Sec. 1 and 6).
+
+Two dataclasses with one commented line per field, and presets: `paper()`, `quick()`, `smoke()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
+ALGORITHMS = ("vanilla", "guided", "random")
+DATASETS = ("modelnet40", "embedded")
+NUM_VIEWS = 12
+# The 40 ModelNet40 classes; a label is the index in this list (SPEC Sec. 1).
+MODELNET40_CLASSES = (
+    "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone",
+    "cup", "curtain", "desk", "door", "dresser", "flower_pot", "glass_box", "guitar", "keyboard",
+    "lamp", "laptop", "mantel", "monitor", "night_stand", "person", "piano", "plant", "radio",
+    "range_hood", "sink", "sofa", "stairs", "stool", "table", "tent", "toilet", "tv_stand", "vase",
+    "wardrobe", "xbox",
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the two-view data comes from and how it is batched (SPEC Sec. 1)."""
+
+    dataset: str = "modelnet40"  # "modelnet40" (the paper's) or "embedded" (generated here)
+    data_dir: str = "ModelNet"  # downloads, unpacked renders and the .npy cache live here
+    url: str = MODELNET_URL  # the MVCNN shaded-images archive
+    mirrors: Tuple[str, ...] = ()  # further URLs tried in order when `url` fails
+    sha256: Optional[str] = None  # expected archive checksum; None skips the check
+    make_npy_files: bool = False  # True forces the .npy cache to be rebuilt
+    views: Tuple[int, int] = (0, 6)  # view indices used as m0 and m1 (0 = front, 6 = rear)
+    image_size: int = 224  # side of the cached square images, in pixels
+    batch_size: int = 8  # samples per training batch
+    eval_batch_size: int = 64  # samples per evaluation batch
+    num_workers: int = 0  # loader worker processes (0 = load in the main process)
+    val_fraction: float = 0.2  # share of the training objects held out for validation
+    split_seed: int = 0  # seed of the fixed validation split
+    cache_workers: int = 0  # processes that build the cache (0 = one per CPU core)
+    embedded_per_class: int = 120  # embedded dataset: training objects per class
+    embedded_test_per_class: int = 40  # embedded dataset: test objects per class
+    embedded_seed: int = 0  # embedded dataset: generator seed
+
+    def __post_init__(self) -> None:
+        self.views = tuple(int(v) for v in self.views)  # JSON round trips give lists
+        self.mirrors = tuple(self.mirrors)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and what is allowed."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r} is unknown; allowed: {', '.join(DATASETS)}")
+        if len(self.views) != 2:
+            raise ValueError(f"views={self.views} must name exactly two view indices (m0, m1)")
+        for v in self.views:
+            if not 0 <= v < NUM_VIEWS:
+                raise ValueError(f"views={self.views}: each view index must be in 0..{NUM_VIEWS - 1}")
+        if self.views[0] == self.views[1]:
+            raise ValueError(f"views={self.views}: m0 and m1 must be two different views")
+        if not 8 <= self.image_size <= 1024:
+            raise ValueError(f"image_size={self.image_size} must be between 8 and 1024 pixels")
+        for name in ("batch_size", "eval_batch_size", "embedded_per_class", "embedded_test_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("num_workers", "cache_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be strictly between 0 and 1")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "DataConfig":
+        """ModelNet40 front/rear views at 224 px, batch 8 (SPEC Sec. 1 and 6)."""
+        return cls(**overrides)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "DataConfig":
+        """The embedded dataset at 64 px: a CPU run of a few minutes."""
+        return cls(**{"dataset": "embedded", "image_size": 64, "batch_size": 16, **overrides})
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> "DataConfig":
+        """A tiny embedded dataset at 32 px for tests."""
+        base = dict(dataset="embedded", image_size=32, batch_size=8,
+                    embedded_per_class=12, embedded_test_per_class=4)
+        return cls(**{**base, **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, balancing and bookkeeping of one training run (SPEC Sec. 4-6)."""
+
+    algorithm: str = "vanilla"  # "vanilla", "guided" or "random" (SPEC Sec. 5)
+    lr: float = 0.1  # SGD learning rate
+    momentum: float = 0.0  # SGD momentum (the paper uses none on ModelNet40)
+    weight_decay: float = 0.0  # SGD weight decay
+    plateau_factor: float = 0.3  # lr multiplier when the training loss plateaus
+    plateau_patience: int = 10  # epochs without improvement before the lr drops
+    plateau_threshold: float = 1e-3  # relative improvement that counts as progress
+    min_lr: float = 1e-6  # floor of the plateau scheduler
+    max_epochs: int = 300  # hard epoch limit
+    max_steps: Optional[int] = None  # optional budget of optimizer steps (None = no budget)
+    full_acc_epochs: int = 5  # stop once training accuracy was 100% in this many epochs
+    warmup_epochs: int = 1  # epochs of regular steps before guided/random balancing starts
+    epsilon: float = 0.01  # guided: imbalance tolerance on |d_speed|
+    window: int = 5  # guided: re-balancing steps W taken once |d_speed| > epsilon
+    seed: int = 0  # seeds weights, data order, augmentation and the random schedule
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16); CPU is fp32
+    channels_last: bool = True  # channels_last memory format on CUDA
+    ckpt_every_steps: Optional[int] = None  # also write `last` every N steps (None = per epoch only)
+    eval_test: bool = True  # evaluate the test set at the end of every epoch
+    run_name: str = "run"  # names logging/<run_name>/ and checkpoints/<run_name>/
+    log_dir: str = "logging"  # root of the per-run logs
+    ckpt_dir: str = "checkpoints"  # root of the per-run checkpoints
+    progress: bool = True  # tqdm progress bar per epoch
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and what is allowed."""
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r} is unknown; allowed: {', '.join(ALGORITHMS)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr} must be a positive finite number")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be 0 or more")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"plateau_factor={self.plateau_factor} must be strictly between 0 and 1")
+        if self.plateau_patience < 0 or self.plateau_threshold < 0 or self.min_lr < 0:
+            raise ValueError("plateau_patience, plateau_threshold and min_lr must be 0 or more")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs={self.max_epochs} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be at least 1, or None for no budget")
+        if self.full_acc_epochs < 1:
+            raise ValueError(f"full_acc_epochs={self.full_acc_epochs} must be at least 1")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be 0 or more")
+        if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon={self.epsilon} must be a finite number >= 0 (the imbalance tolerance)")
+        if self.window < 1:
+            raise ValueError(f"window={self.window} must be at least 1 (re-balancing steps per window)")
+        if self.ckpt_every_steps is not None and self.ckpt_every_steps < 1:
+            raise ValueError(f"ckpt_every_steps={self.ckpt_every_steps} must be at least 1, or None")
+        if not self.run_name or any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
+            raise ValueError(f"run_name={self.run_name!r} must be a non-empty folder name without slashes")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "TrainConfig":
+        """SPEC Sec. 6: SGD lr 0.1, plateau schedule, 300 epochs, guided eps=0.01, W=5."""
+        return cls(**overrides)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "TrainConfig":
+        """A few-minute CPU run on the embedded dataset."""
+        base = dict(lr=0.05, momentum=0.9, max_epochs=8, plateau_patience=2)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> "TrainConfig":
+        """Seconds-long run for tests."""
+        base = dict(lr=0.05, max_epochs=2, progress=False, eval_test=False)
+        return cls(**{**base, **overrides})
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def save_json(obj: Any, path: Path) -> None:
+    """Write `obj` (a dataclass or dict) as JSON atomically: temporary name, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
