@@ -289,7 +289,7 @@ class Trainer:
             while self.stop_reason is None:
                 self.stop_reason = self._stop_reason_before_epoch()
                 if self.stop_reason is None:
-                    self._train_epoch()
+                    self._train_epoch()  # sets stop_reason itself when the step budget ends mid-epoch
             return RunResult(self.history, self.step, self.stop_reason, self.log_dir, self.ckpt_dir, self.best,
                              resumed_from, self.step - start_step)
         finally:
@@ -297,8 +297,10 @@ class Trainer:
                 f.close()
 
     def _stop_reason_before_epoch(self) -> Optional[str]:
-        if self.history and self.history[-1].get("stop_reason"):
-            return self.history[-1]["stop_reason"]  # a finished run that was resumed
+        # Derived from the state alone, so a finished run that is resumed stops at once, and one resumed
+        # with a larger budget continues.
+        if self.full_acc_count >= self.cfg.full_acc_epochs:
+            return "full_train_acc"
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             return "max_steps"
         if self.epoch >= self.cfg.max_epochs:
@@ -416,13 +418,6 @@ class Trainer:
         self.batch = 0
         record["time"] = acc["time"]
         self.epoch_acc = self._new_epoch_acc()
-        stop = None
-        if self.full_acc_count >= cfg.full_acc_epochs:
-            stop = "full_train_acc"
-        elif self.epoch >= cfg.max_epochs:
-            stop = "max_epochs"
-        if stop:
-            record["stop_reason"] = stop
         self.history.append(record)
         self._logs["epochs"].write(json.dumps(record) + "\n")
         improved = self.val_loader is None or self.best is None or record["val_acc"] > self.best["val_acc"]
@@ -432,7 +427,6 @@ class Trainer:
         self.save("last")
         if self.callback:
             self.callback("epoch", record)
-        self.stop_reason = stop
 
 
 def train(model: TwoBranchNet, train_loader: Iterable[Batch], cfg: TrainConfig,

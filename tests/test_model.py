@@ -1,0 +1,162 @@
+"""MMTM fusion modes, running means and the two-branch model (SPEC Sec. 2-3)."""
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from greedymm.mmtm import MMTM, FusionMode
+from greedymm.model import TwoBranchNet, conv_branch, mmtm_convnet, mmtm_resnet18
+from greedymm.utilization import compute_squeeze_means
+
+
+def reference_mmtm(m: MMTM, a: torch.Tensor, b: torch.Tensor):
+    """SPEC Sec. 2 written out with explicit matrix products."""
+    s_a, s_b = a.mean(dim=(2, 3)), b.mean(dim=(2, 3))
+    z = torch.relu(torch.cat([s_a, s_b], 1) @ m.fc_squeeze.weight.T + m.fc_squeeze.bias)
+    e_a = z @ m.fc_a.weight.T + m.fc_a.bias
+    e_b = z @ m.fc_b.weight.T + m.fc_b.bias
+    return a * torch.sigmoid(e_a)[:, :, None, None], b * torch.sigmoid(e_b)[:, :, None, None]
+
+
+def test_mmtm_fused_matches_reference():
+    torch.manual_seed(0)
+    m = MMTM(8)
+    assert m.fc_squeeze.out_features == 8  # 2 * 2C / ratio = C for the authors' ratio 4
+    a, b = torch.randn(3, 8, 5, 5), torch.randn(3, 8, 4, 4)
+    out_a, out_b = m.eval()(a, b, "fused")
+    ref_a, ref_b = reference_mmtm(m, a, b)
+    assert_close(out_a, ref_a)
+    assert_close(out_b, ref_b)
+
+
+def test_running_means_are_sample_weighted_over_regular_training_steps_only():
+    torch.manual_seed(0)
+    m = MMTM(6).train()
+    batches = [(torch.randn(3, 6, 4, 4), torch.randn(3, 6, 4, 4)), (torch.randn(5, 6, 4, 4), torch.randn(5, 6, 4, 4))]
+    scales_a, scales_b = [], []
+    for a, b in batches:
+        ref_a, ref_b = reference_mmtm(m, a, b)
+        scales_a.append((ref_a / a).mean(dim=(2, 3)))  # sigmoid(E_A) per sample, (B, C)
+        scales_b.append((ref_b / b).mean(dim=(2, 3)))
+        m(a, b, FusionMode.FUSED)
+    # Neither re-balancing nor evaluation passes may move the means (the authors' code let them).
+    m(torch.randn(7, 6, 4, 4), torch.randn(7, 6, 4, 4), FusionMode.REBALANCE_M0)
+    m(torch.randn(7, 6, 4, 4), torch.randn(7, 6, 4, 4), FusionMode.REBALANCE_M1)
+    m.eval()(torch.randn(7, 6, 4, 4), torch.randn(7, 6, 4, 4), FusionMode.FUSED)
+    a_bar, b_bar = m.running_scales()
+    assert float(m.scale_count) == 8
+    assert_close(a_bar.float(), torch.cat(scales_a).mean(0))  # 8 samples weighted equally, not 2 batch means
+    assert_close(b_bar.float(), torch.cat(scales_b).mean(0))  # b-bar from sigmoid(E_B), not sigmoid(E_A)
+    assert not torch.allclose(a_bar, b_bar)
+
+
+def test_rebalance_before_any_regular_step_is_an_error():
+    with pytest.raises(RuntimeError, match="at least one regular"):
+        MMTM(4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), "rebalance_m0")
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="allowed: 'fused', 'rebalance_m0', 'rebalance_m1', 'cut'"):
+        FusionMode.parse("balanced")
+
+
+def _inputs(seed, n=4, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture
+def warm_model(tiny_model):
+    """The tiny model after one regular training pass (running means exist), in eval mode."""
+    tiny_model.train()(_inputs(0), _inputs(1))
+    return tiny_model.eval()
+
+
+@pytest.mark.parametrize("mode, blind_branch", [("rebalance_m0", 0), ("rebalance_m1", 1)])
+def test_rebalance_cuts_the_other_modality_from_one_branch(warm_model, mode, blind_branch):
+    x0, x1 = _inputs(2), _inputs(3)
+    base = warm_model(x0, x1, mode)
+    changed = warm_model(x0, _inputs(4), mode) if blind_branch == 0 else warm_model(_inputs(4), x1, mode)
+    other = 1 - blind_branch
+    assert_close(changed[blind_branch], base[blind_branch])  # e.g. y0_hat ignores x1 in re-balance m0
+    assert (changed[other] - base[other]).abs().max() > 1e-4  # while y1_hat still sees x1
+
+
+def test_cut_mode_makes_each_branch_unimodal(warm_model, toy_loaders):
+    compute_squeeze_means(warm_model, toy_loaders[2])
+    x0, x1 = _inputs(2), _inputs(3)
+    y0, y1 = warm_model(x0, x1, "cut")
+    y0_new_x1, y1_new_x1 = warm_model(x0, _inputs(4), "cut")
+    y0_new_x0, y1_new_x0 = warm_model(_inputs(5), x1, "cut")
+    assert_close(y0_new_x1, y0)  # y0_hat depends on x0 only
+    assert_close(y1_new_x0, y1)  # y1_hat depends on x1 only
+    assert (y1_new_x1 - y1).abs().max() > 1e-4 and (y0_new_x0 - y0).abs().max() > 1e-4
+    # whereas in fused mode each branch does see the other modality
+    assert (warm_model(x0, _inputs(4))[0] - warm_model(x0, x1)[0]).abs().max() > 1e-4
+
+
+def test_cut_mode_needs_squeeze_means(warm_model):
+    with pytest.raises(RuntimeError, match="compute_squeeze_means"):
+        warm_model(_inputs(0), _inputs(1), "cut")
+
+
+def test_squeeze_means_are_the_dataset_mean_of_pooled_features(warm_model, toy_loaders):
+    loader = toy_loaders[1]
+    compute_squeeze_means(warm_model, loader)
+    x0 = torch.cat([b[0] for b in loader])
+    x1 = torch.cat([b[1] for b in loader])
+    with torch.no_grad():  # features entering the first MMTM: stage1 of each branch
+        s_a = warm_model.branch0.stage1(x0).mean(dim=(2, 3)).mean(0)
+        s_b = warm_model.branch1.stage1(x1).mean(dim=(2, 3)).mean(0)
+    mmtm = warm_model.mmtms["stage1"]
+    assert_close(mmtm.squeeze_mean_a, s_a)
+    assert_close(mmtm.squeeze_mean_b, s_b)
+
+
+@pytest.mark.parametrize("builder, size, n_mmtm", [
+    (lambda: mmtm_resnet18(num_classes=40), 64, 3),
+    (lambda: mmtm_resnet18(num_classes=10, in_channels=1), 32, 3),
+    (lambda: mmtm_convnet(5, widths=(4, 8)), 16, 2),
+])
+def test_models_forward_shapes_and_cls_groups(builder, size, n_mmtm):
+    torch.manual_seed(0)
+    model = builder()
+    c_in = model.branch0[0][0].in_channels
+    y0, y1 = model(torch.randn(2, c_in, size, size), torch.randn(2, c_in, size, size))
+    k = y0.shape[1]
+    assert y0.shape == y1.shape == (2, k)
+    assert len(model.mmtms) == n_mmtm
+    groups = {name: {id(p) for p in ps} for name, ps in model.cls_groups().items()}
+    shared = {id(p) for m in model.mmtms.values() for p in m.fc_squeeze.parameters()}
+    assert groups["m0"].isdisjoint(groups["m1"])
+    assert groups["m0_prime"] & groups["m1_prime"] == shared  # W_s, b_s carry both modalities
+    assert set().union(*groups.values()) == {id(p) for p in model.parameters()}
+    assert len(groups["m0"]) == len(list(model.branch0.parameters()))
+    assert len(groups["m0_prime"]) == 4 * n_mmtm  # W_A, b_A, W_s, b_s per MMTM
+
+
+def test_resnet_mmtms_sit_after_layer2_to_layer4():
+    model = mmtm_resnet18()
+    assert {k: m.channels for k, m in model.mmtms.items()} == {"layer2": 128, "layer3": 256, "layer4": 512}
+
+
+def test_mismatched_branch_channels_are_rejected():
+    with pytest.raises(ValueError, match="branch 0 has 8 channels and branch 1 has 16"):
+        TwoBranchNet(conv_branch(3, widths=(8, 8)), conv_branch(3, widths=(8, 16)), ["stage2"])
+
+
+@pytest.mark.parametrize("stages, message", [
+    (["layer9"], "not stages of the branches"),
+    ([], "fusion_stages is empty"),
+    (["head"], "exclude the last stage"),
+])
+def test_bad_fusion_stages_are_rejected(stages, message):
+    with pytest.raises(ValueError, match=message):
+        TwoBranchNet(conv_branch(3), conv_branch(3), stages)
+
+
+def test_branches_must_be_sequential_with_equal_stage_names():
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        TwoBranchNet(nn.Linear(2, 2), conv_branch(3), ["stage1"])
+    with pytest.raises(ValueError, match="same stage names"):
+        TwoBranchNet(conv_branch(3, widths=(4, 4)), conv_branch(3, widths=(4, 4, 4)), ["stage1"])
