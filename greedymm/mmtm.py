@@ -61,13 +61,25 @@ class MMTM(nn.Module):
         self.register_buffer("has_squeeze_means", torch.zeros((), dtype=torch.bool))
         # Set by compute_squeeze_means: while not None, forward adds the squeeze vectors here.
         self.squeeze_stats: Union[None, list] = None
+        # Host mirrors of scale_count > 0 and has_squeeze_means: checking the buffers themselves would
+        # synchronise with a GPU in every forward pass.
+        self._has_running_scales = False
+        self._has_squeeze_means = False
+        self.register_load_state_dict_post_hook(_sync_host_flags)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
 
+    def set_squeeze_means(self, mean_a: torch.Tensor, mean_b: torch.Tensor) -> None:
+        """Store the mean squeeze vectors over D_train (C,) each, used by the cut mode."""
+        self.squeeze_mean_a.copy_(mean_a)
+        self.squeeze_mean_b.copy_(mean_b)
+        self.has_squeeze_means.fill_(True)
+        self._has_squeeze_means = True
+
     def running_scales(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return (a-bar, b-bar): per-channel means of sigmoid(E_A), sigmoid(E_B) over regular steps, (C,) each."""
-        if float(self.scale_count) == 0:
+        if not self._has_running_scales:
             raise RuntimeError("MMTM running means are empty: re-balancing needs at least one regular "
                                "training step first (the guided and random schedules start after warm-up)")
         return self.scale_sum_a / self.scale_count, self.scale_sum_b / self.scale_count
@@ -92,7 +104,7 @@ class MMTM(nn.Module):
             self.squeeze_stats[2] += s_a.shape[0]
 
         if mode is FusionMode.CUT:
-            if not bool(self.has_squeeze_means):
+            if not self._has_squeeze_means:
                 raise RuntimeError("cut mode needs the squeeze means over D_train: call "
                                    "greedymm.utilization.compute_squeeze_means(model, train_loader) first")
             mean_a = self.squeeze_mean_a.to(s_a.dtype).expand_as(s_a)  # (B, C)
@@ -111,6 +123,7 @@ class MMTM(nn.Module):
                     self.scale_sum_a += scale_a.detach().sum(0, dtype=torch.float64)
                     self.scale_sum_b += scale_b.detach().sum(0, dtype=torch.float64)
                     self.scale_count += scale_a.shape[0]
+                self._has_running_scales = True
             elif mode is FusionMode.REBALANCE_M0:
                 scale_a = self.running_scales()[0].to(scale_a.dtype).expand_as(scale_a)
             elif mode is FusionMode.REBALANCE_M1:
@@ -120,6 +133,12 @@ class MMTM(nn.Module):
     def _excite(self, s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
         """Z = ReLU(W_s [S_A; S_B] + b_s): (B, C) x2 -> (B, hidden)."""
         return torch.relu(self.fc_squeeze(torch.cat([s_a, s_b], dim=1)))
+
+
+def _sync_host_flags(module: MMTM, incompatible_keys) -> None:
+    """After load_state_dict: refresh the host mirrors of the loaded buffers (one sync, at load time)."""
+    module._has_running_scales = bool(module.scale_count > 0)
+    module._has_squeeze_means = bool(module.has_squeeze_means)
 
 
 def _as_map(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

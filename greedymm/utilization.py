@@ -42,9 +42,7 @@ def compute_squeeze_means(model: TwoBranchNet, train_loader: Iterable[Batch],
             sum_a, sum_b, n = m.squeeze_stats
             if n == 0:
                 raise ValueError("compute_squeeze_means got an empty loader")
-            m.squeeze_mean_a.copy_(sum_a / n)
-            m.squeeze_mean_b.copy_(sum_b / n)
-            m.has_squeeze_means.fill_(True)
+            m.set_squeeze_means(sum_a / n, sum_b / n)
     finally:
         for m in mmtms:
             m.squeeze_stats = None

@@ -160,3 +160,13 @@ def test_branches_must_be_sequential_with_equal_stage_names():
         TwoBranchNet(nn.Linear(2, 2), conv_branch(3), ["stage1"])
     with pytest.raises(ValueError, match="same stage names"):
         TwoBranchNet(conv_branch(3, widths=(4, 4)), conv_branch(3, widths=(4, 4, 4)), ["stage1"])
+
+
+def test_running_means_and_squeeze_means_survive_a_state_dict_round_trip(warm_model, toy_loaders):
+    compute_squeeze_means(warm_model, toy_loaders[1])
+    x0, x1 = _inputs(2), _inputs(3)
+    fresh = mmtm_convnet(4, widths=(4, 8, 8)).eval()
+    fresh.load_state_dict(warm_model.state_dict())
+    for mode in ("rebalance_m0", "rebalance_m1", "cut"):
+        for got, want in zip(fresh(x0, x1, mode), warm_model(x0, x1, mode)):
+            assert_close(got, want)

@@ -1,6 +1,8 @@
 """The training loop: logs, stop rules, fused evaluation, checkpoints and exact resume (SPEC Sec. 4-6)."""
+import io
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from conftest import ToyLoader
 from greedymm.config import DataConfig, TrainConfig
 from greedymm.mmtm import MMTM
 from greedymm.model import mmtm_convnet
-from greedymm.train import NonFiniteLossError, evaluate, load_checkpoint, train
+from greedymm.mmtm import FusionMode
+from greedymm.train import NonFiniteLossError, Trainer, evaluate, load_checkpoint, train
 
 
 def make_cfg(tmp_path, **kw):
@@ -182,6 +185,26 @@ def test_cuda_mixed_precision_and_channels_last(tmp_path, toy_loaders, amp):
     steps = read_jsonl(res.log_dir / "steps.jsonl")
     assert all(math.isfinite(s["mu_m0"]) and s["mu_m0"] > 0 for s in steps)
     assert 0 <= res.history[-1]["val_acc"] <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", list(FusionMode)[:3])
+def test_cuda_training_step_synchronises_once(tmp_path, toy_loaders, mode):
+    trainer = Trainer(fresh_model(), toy_loaders[0], make_cfg(tmp_path), device="cuda")
+    trainer._logs = {"steps": io.StringIO()}
+    batches = [tuple(t.cuda() for t in b) for b in toy_loaders[0]]
+    trainer._train_step(*batches[0])  # a regular step: running means exist, kernels are warm
+    trainer.schedule.next_mode = lambda epoch: mode
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer._train_step(*batches[1])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 @pytest.mark.parametrize("kwargs, message", [
