@@ -62,6 +62,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def amp_dtype(device: torch.device, enabled: bool = True) -> Optional[torch.dtype]:
+    """The mixed-precision dtype: bf16 on CUDA where supported, else fp16; None (fp32) on CPU or if disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @torch.no_grad()
 def evaluate(model: TwoBranchNet, loader: Iterable[Batch], device: Optional[torch.device] = None,
              mode: Union[str, FusionMode] = FusionMode.FUSED,
@@ -169,9 +176,7 @@ class Trainer:
         if cuda and cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.model._channels_last = True
-        self.amp_dtype: Optional[torch.dtype] = None
-        if cuda and cfg.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype(self.device, cfg.amp)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,

@@ -1,0 +1,152 @@
+"""Figures of the experiment (paper Sec. 5, Figs. 2-4): the chosen views, learning curves, d_speed over
+training with the re-balancing steps shaded, and d_util per algorithm. Every function returns a Figure
+built without pyplot: no global state, nothing shown twice in a notebook, `fig.savefig` for files.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+COLORS = {"vanilla": "tab:gray", "random": "tab:orange", "guided": "tab:blue"}
+MODE_COLORS = {"rebalance_m0": "tab:green", "rebalance_m1": "tab:red"}
+
+
+def plot_views(images: np.ndarray, names: Sequence[str], labels: Sequence[str], views: Sequence[int] = (0, 6),
+               max_objects: int = 4) -> Figure:
+    """Grid of the 12 views of a few objects, the two chosen views framed (m0 green, m1 red).
+
+    Args:
+        images: uint8 (N, 12, C, H, W), e.g. the first objects of a cache split.
+        names: object names, N.
+        labels: class names of the objects, N.
+        views: the view indices used as m0 and m1.
+        max_objects: rows to draw.
+    Returns:
+        The figure.
+    """
+    n = min(max_objects, len(images))
+    n_views = images.shape[1]
+    fig = Figure(figsize=(1.2 * n_views, 1.3 * n + 0.4), layout="constrained")
+    axes = fig.subplots(n, n_views, squeeze=False)
+    for i in range(n):
+        for v in range(n_views):
+            ax = axes[i, v]
+            img = images[i, v].transpose(1, 2, 0)  # (H, W, C)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if v in views:
+                color = "tab:green" if v == views[0] else "tab:red"
+                for side in ax.spines.values():
+                    side.set_edgecolor(color)
+                    side.set_linewidth(3)
+            if i == 0:
+                tag = " (m0)" if v == views[0] else " (m1)" if v == views[1] else ""
+                ax.set_title(f"view {v}{tag}", fontsize=8)
+            if v == 0:
+                ax.set_ylabel(f"{labels[i]}\n{names[i]}", fontsize=7)
+    fig.suptitle("12 views per object; the two modalities framed", fontsize=10)
+    return fig
+
+
+def plot_learning_curves(histories: Mapping[str, Sequence[dict]]) -> Figure:
+    """Training loss and validation accuracy (fused, y0_hat, y1_hat) per epoch for each run.
+
+    Args:
+        histories: run label (e.g. "guided") -> epoch records from `train` (epochs.jsonl).
+    Returns:
+        The figure: loss | fused accuracy | branch accuracies.
+    """
+    fig = Figure(figsize=(14, 3.6), layout="constrained")
+    ax_loss, ax_acc, ax_branch = fig.subplots(1, 3)
+    for label, hist in histories.items():
+        color = COLORS.get(label.split()[0], None)
+        epochs = [h["epoch"] for h in hist]
+        ax_loss.plot(epochs, [h["train_loss"] for h in hist], color=color, label=f"{label} train")
+        if hist and "val_loss" in hist[0]:
+            ax_loss.plot(epochs, [h["val_loss"] for h in hist], color=color, ls="--", label=f"{label} val")
+        split = "val" if hist and "val_acc" in hist[0] else "train"
+        ax_acc.plot(epochs, [h[f"{split}_acc"] for h in hist], color=color, label=label)
+        ax_branch.plot(epochs, [h[f"{split}_acc0"] for h in hist], color=color, label=f"{label} y0 (m0)")
+        ax_branch.plot(epochs, [h[f"{split}_acc1"] for h in hist], color=color, ls=":", label=f"{label} y1 (m1)")
+    ax_loss.set(title="loss CE(y0) + CE(y1)", xlabel="epoch")
+    ax_acc.set(title="accuracy of (y0 + y1) / 2", xlabel="epoch", ylim=(0, 1.02))
+    ax_branch.set(title="branch accuracies", xlabel="epoch", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc, ax_branch):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _mode_spans(modes: Sequence[str]) -> List[tuple]:
+    """Runs of equal non-fused modes as (mode, first step, last step), 1-based steps."""
+    spans, start = [], None
+    for i, mode in enumerate(list(modes) + ["fused"]):
+        if start is not None and mode != modes[start]:
+            spans.append((modes[start], start + 1, i))
+            start = None
+        if start is None and mode != "fused" and i < len(modes):
+            start = i
+    return spans
+
+
+def plot_d_speed(step_logs: Mapping[str, Sequence[dict]], epsilon: Optional[float] = None) -> Figure:
+    """d_speed over training steps, one panel per run, re-balancing steps shaded by modality.
+
+    Args:
+        step_logs: run label -> step records from `train` (steps.jsonl).
+        epsilon: draws the guided tolerance band +-epsilon when given.
+    Returns:
+        The figure.
+    """
+    fig = Figure(figsize=(12, 2.4 * len(step_logs)), layout="constrained")
+    axes = fig.subplots(len(step_logs), 1, sharex=True, squeeze=False)
+    for ax, (label, steps) in zip(axes[:, 0], step_logs.items()):
+        x = [s["step"] for s in steps]
+        ax.plot(x, [s["d_speed"] for s in steps], color=COLORS.get(label.split()[0], "k"), lw=1)
+        for mode, first, last in _mode_spans([s["mode"] for s in steps]):
+            ax.axvspan(x[first - 1] - 0.5, x[last - 1] + 0.5, color=MODE_COLORS[mode], alpha=0.25, lw=0)
+        if epsilon is not None:
+            ax.axhspan(-epsilon, epsilon, color="k", alpha=0.08, lw=0)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylabel("d_speed")
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+    handles = [Patch(color=MODE_COLORS[m], alpha=0.4, label=m.replace("_", " ")) for m in MODE_COLORS]
+    axes[0, 0].legend(handles=handles, fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("training step")
+    return fig
+
+
+def plot_d_util(d_utils: Mapping[str, Sequence[float]], paper: Optional[Mapping[str, float]] = None) -> Figure:
+    """Bar plot of d_util per algorithm: mean over seeds, with the seeds as dots and the paper's values.
+
+    Args:
+        d_utils: algorithm -> d_util of each seed.
+        paper: algorithm -> the paper's approximate d_util, drawn as a black tick if given.
+    Returns:
+        The figure.
+    """
+    fig = Figure(figsize=(1.6 + 1.4 * len(d_utils), 3.4), layout="constrained")
+    ax = fig.subplots()
+    names = list(d_utils)
+    for i, name in enumerate(names):
+        vals = np.asarray(d_utils[name], dtype=float)
+        ax.bar(i, np.nanmean(vals), color=COLORS.get(name, "tab:purple"), alpha=0.8,
+               yerr=np.nanstd(vals) if len(vals) > 1 else None, capsize=4)
+        ax.scatter(np.full(len(vals), i), vals, color="k", s=12, zorder=3)
+        if paper and name in paper:
+            ax.plot([i - 0.35, i + 0.35], [paper[name]] * 2, color="k", ls="--", lw=1.5,
+                    label="paper (ModelNet40)" if i == 0 else None)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("d_util = u(m1|m0) - u(m0|m1)")
+    ax.set_title("imbalance in utilization (test set)", fontsize=10)
+    if paper:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
