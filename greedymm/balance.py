@@ -42,12 +42,14 @@ class CLSTracker:
             for p in groups[g]:
                 membership[row, index[id(p)]] = 1.0
         self.membership = membership  # (4, P)
+        self._sub_membership: Dict[tuple, torch.Tensor] = {}  # columns of the parameters that have gradients
         self.sums = torch.zeros(len(CLS_GROUPS), dtype=torch.float64, device=device)  # (4,) cumulative mu
 
     def to(self, device: torch.device) -> "CLSTracker":
         """Move the membership matrix and sums to `device` (after moving the model)."""
         self.membership = self.membership.to(device)
         self.sums = self.sums.to(device)
+        self._sub_membership = {}
         return self
 
     @torch.no_grad()
@@ -62,9 +64,11 @@ class CLSTracker:
         members = self.membership
         if any(g is None for g in grads):
             # Unused parameters (W_A in re-balance m0, say) have no gradient: they contribute 0 to the sums.
-            keep = [i for i, g in enumerate(grads) if g is not None]
+            keep = tuple(i for i, g in enumerate(grads) if g is not None)
+            if keep not in self._sub_membership:  # cached: building the index would copy to the GPU every step
+                self._sub_membership[keep] = self.membership[:, list(keep)]
             grads = [grads[i] for i in keep]
-            members = members[:, keep]
+            members = self._sub_membership[keep]
         grad_sq = torch.stack(torch._foreach_norm(grads)).double().square() if grads else members.new_zeros(0)
         weight_sq = torch.stack(torch._foreach_norm(self.params)).double().square()  # (P,)
         return (members @ grad_sq) / (self.membership @ weight_sq)  # (4,)

@@ -241,9 +241,9 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.cls.load_state_dict(ckpt["cls"])
         self.schedule.load_state_dict(ckpt["schedule"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
         self.epoch, self.batch, self.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
         self.epoch_acc, self.last_speeds = dict(ckpt["epoch_acc"]), list(ckpt["last_speeds"])
         self.history, self.best, self.full_acc_count = ckpt["history"], ckpt["best"], ckpt["full_acc_count"]
@@ -276,7 +276,7 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         resumed_from = 0
         if resume and last.exists():
-            self.load_state_dict(load_checkpoint(last, map_location=self.device))
+            self.load_state_dict(load_checkpoint(last))  # on the CPU: each piece moves itself to its device
             resumed_from = self.step
             log.info("resuming %s from epoch %d, batch %d (step %d)", self.cfg.run_name, self.epoch,
                      self.batch, self.step)

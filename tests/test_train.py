@@ -195,12 +195,13 @@ def test_cuda_training_step_synchronises_once(tmp_path, toy_loaders, mode):
     batches = [tuple(t.cuda() for t in b) for b in toy_loaders[0]]
     trainer._train_step(*batches[0])  # a regular step: running means exist, kernels are warm
     trainer.schedule.next_mode = lambda epoch: mode
+    trainer._train_step(*batches[1])  # the first step of a mode may build cached indices once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer._train_step(*batches[1])
+            trainer._train_step(*batches[2])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
