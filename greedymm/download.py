@@ -1,19 +1,23 @@
-"""Fetching the ModelNet40 12-view renders (SPEC Sec. 1): a resumable HTTP download with retries and
-checks, and a safe extraction of the archive that finds the class folders whatever the top folder is called.
+"""Fetching the ModelNet40 12-view renders (SPEC Sec. 1): a resumable HTTP download with retries and checks, a
+safe atomic extraction of the archive, and a search for the class folders whatever the top folder is called.
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
+import http.client
 import logging
 import os
+import re
 import shutil
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -23,22 +27,36 @@ log = logging.getLogger(__name__)
 
 ARCHIVE_NAME = "shaded_images.tar.gz"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_RETRY_HTTP = (408, 429)  # client-side codes that mean "try again later"; every 5xx is retried too
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
 class DownloadError(RuntimeError):
-    """No URL delivered a complete, verified archive."""
+    """No URL delivered a complete, verified file."""
 
 
 class UnsafeArchiveError(ValueError):
-    """The archive holds a member that could write outside the target folder."""
+    """The archive holds a member that could write outside the target folder, or a special file."""
+
+
+class NotEnoughSpaceError(OSError):
+    """The disk cannot hold the download or the unpacked archive."""
+
+
+class _Mismatch(Exception):
+    """The bytes received cannot be the announced file: the partial file is deleted and the URL given up."""
+
+
+class _ShortRead(ConnectionError):
+    """The body ended before the announced size: retried, resuming from the bytes received."""
 
 
 def _check_free(folder: Path, needed: int, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise OSError(f"not enough disk space in {folder} for {what}: need {needed / 2**30:.2f} GiB, "
-                      f"{free / 2**30:.2f} GiB free")
+        raise NotEnoughSpaceError(f"not enough disk space in {folder} for {what}: need {needed / 2**30:.2f} "
+                                  f"GiB, {free / 2**30:.2f} GiB free")
 
 
 def _sha256(path: Path) -> str:
@@ -49,43 +67,67 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch(url: str, part: Path, timeout: float, chunk_size: int, progress: bool) -> int:
-    """One request: append to `part` from its current size (HTTP Range). Returns the announced total size.
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
-    Raises on HTTP errors, timeouts and short reads; the bytes received so far stay in `part` for the next try.
+
+def _total_of_416(error: urllib.error.HTTPError) -> int:
+    """The file size a 416 answer announces in `Content-Range: bytes */TOTAL`, or -1."""
+    match = re.fullmatch(r"bytes\s+\*/(\d+)", (error.headers or {}).get("Content-Range", "").strip())
+    return int(match.group(1)) if match else -1
+
+
+def _fetch(url: str, part: Path, timeout: float, chunk_size: int, progress: bool) -> int:
+    """One request appending to `part` from its current size (HTTP Range). Returns the announced size, or -1.
+
+    Raises OSError/HTTPException on connection errors, timeouts and short reads (the bytes received so far stay
+    in `part` for the next try), urllib's HTTPError on error codes, and _Mismatch on an impossible answer.
     """
-    have = part.stat().st_size if part.exists() else 0
+    have = _size(part)
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left after byte `have`: complete, or longer than the file
+            total = _total_of_416(e)
+            if total == have:
+                return total
+            part.unlink()
+            raise ConnectionError(f"the partial file ({have} bytes) is longer than the file ({total} bytes); "
+                                  "starting over") from None
+        raise
+    with response:
         if have and response.status == 206:
-            # Content-Range: bytes START-END/TOTAL
-            content_range = response.headers.get("Content-Range", "")
-            start = int(content_range.split()[1].split("-")[0]) if content_range.startswith("bytes ") else -1
-            if start != have:
-                raise DownloadError(f"{url} answered Content-Range {content_range!r} to a request from byte {have}")
-            total = int(content_range.rsplit("/", 1)[1]) if not content_range.endswith("/*") else -1
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+            if match is None or int(match.group(1)) != have:
+                part.unlink()
+                raise ConnectionError(f"answered Content-Range {response.headers.get('Content-Range')!r} to a "
+                                      f"request from byte {have}; starting over")
+            total = int(match.group(3)) if match.group(3) != "*" else -1
         else:
-            have = 0  # the server ignored the Range request: start over
+            if have:
+                log.info("%s ignored the range request: restarting from byte 0", url)
+            have = 0
             length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else -1
-        if total > 0:
-            _check_free(part.parent, total - have, f"the rest of {url}")
-        mode = "ab" if have else "wb"
-        with open(part, mode) as f, tqdm(total=total if total > 0 else None, initial=have, unit="B",
-                                         unit_scale=True, unit_divisor=1024, desc=Path(url).name,
-                                         disable=not progress, leave=False) as bar:
+            total = int(length) if length is not None and length.isdigit() else -1
+        if total >= 0:  # a restart truncates the partial file, a resume keeps it: either way this much is new
+            _check_free(part.parent, total - _size(part), f"the rest of {url}")
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total if total >= 0 else None, initial=have, unit="B", unit_scale=True,
+                     unit_divisor=1024, desc=part.name[: -len(".part")], disable=not progress, leave=False) as bar:
+            # read1 hands over what has arrived (read() waits for a full chunk): a stall loses no received bytes
+            read = getattr(response, "read1", response.read)
             while True:
-                block = response.read(chunk_size)
+                block = read(chunk_size)
                 if not block:
                     break
                 f.write(block)
                 bar.update(len(block))
-    size = part.stat().st_size
-    if total > 0 and size < total:
-        raise ConnectionError(f"connection closed after {size} of {total} bytes")
-    if total > 0 and size != total:
-        part.unlink()
-        raise DownloadError(f"{url} delivered {size} bytes but announced {total}")
+    size = _size(part)
+    if 0 <= total < size:
+        raise _Mismatch(f"delivered {size} bytes but announced {total}")
+    if size < total:
+        raise _ShortRead(f"short read: the connection closed after {size} of {total} bytes")
     return total
 
 
@@ -93,26 +135,38 @@ def download(urls: Sequence[str], dest: Path, sha256: Optional[str] = None, time
              retries: int = 5, backoff: float = 1.0, chunk_size: int = 1 << 20, progress: bool = True) -> Path:
     """Download the first URL that works to `dest`, resuming partial downloads.
 
-    The bytes go to `dest` + ".part" and are renamed to `dest` only once complete and verified.
+    The bytes go to `dest` + ".part" (kept between runs, continued with an HTTP Range request) and are renamed to
+    `dest` only once complete and verified. Connection errors, timeouts, 5xx answers and short reads are retried
+    with exponential back-off; a try that delivered new bytes does not use up a retry. A file whose size cannot
+    match the announced one (or that keeps coming up short) or whose sha256 differs is deleted.
 
     Args:
         urls: URLs tried in order.
         dest: the final file.
         sha256: expected hex digest, or None to skip the check.
-        timeout: seconds a request may stall.
-        retries: tries per URL; each retry resumes with an HTTP Range request.
+        timeout: seconds each request may wait for the server (to connect or for the next bytes).
+        retries: tries per URL without progress.
         backoff: seconds before the first retry, doubled after each.
         chunk_size: bytes per read.
         progress: tqdm bar in bytes.
     Returns:
         `dest`.
+    Raises:
+        DownloadError: listing every URL tried and its last error.
+        NotEnoughSpaceError: the disk cannot hold the rest of the file.
     """
+    if not urls:
+        raise ValueError("download() needs at least one URL")
+    if retries < 1:
+        raise ValueError(f"retries={retries} must be at least 1")
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    errors = []
+    last_error: Dict[str, str] = {}
     for url in urls:
-        delay = backoff
-        for attempt in range(1, retries + 1):
+        failures, delay = 0, backoff
+        while failures < retries:
+            before, short = _size(part), False  # short: this try ended in a short read
             try:
                 total = _fetch(url, part, timeout, chunk_size, progress)
                 if total < 0:
@@ -120,32 +174,49 @@ def download(urls: Sequence[str], dest: Path, sha256: Optional[str] = None, time
                 if sha256 is not None:
                     digest = _sha256(part)
                     if digest.lower() != sha256.lower():
-                        part.unlink()
-                        raise DownloadError(f"{url}: sha256 {digest} does not match the expected {sha256}")
+                        raise _Mismatch(f"sha256 of the download is {digest}, expected {sha256.lower()}")
                 os.replace(part, dest)
-                log.info("downloaded %s to %s", url, dest)
+                log.info("downloaded %s to %s (%d bytes)", url, dest, _size(dest))
                 return dest
-            except DownloadError as e:  # wrong content: retrying the same URL would not help
-                errors.append(f"{url}: {e}")
+            except _Mismatch as e:  # wrong content: retrying the same URL would not help
+                part.unlink(missing_ok=True)
+                last_error[url] = str(e)
                 break
             except urllib.error.HTTPError as e:
-                errors.append(f"{url}: HTTP {e.code} {e.reason}")
-                if e.code == 416:  # the .part is larger than the file: start over
-                    part.unlink(missing_ok=True)
-                elif e.code < 500:
-                    break
-            except (urllib.error.URLError, OSError) as e:  # refused, timed out, cut short
-                errors.append(f"{url}: {e}")
-            if attempt < retries:
-                log.info("retrying %s in %.1f s (try %d of %d)", url, delay, attempt + 1, retries)
-                time.sleep(delay)
-                delay *= 2
-    raise DownloadError("could not download the archive:\n  " + "\n  ".join(errors))
+                last_error[url] = f"HTTP {e.code} {e.reason}"
+                if e.code < 500 and e.code not in _RETRY_HTTP:
+                    break  # 404 and friends: this URL will not work
+            except ValueError as e:  # not a URL urllib can open
+                last_error[url] = str(e)
+                break
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, timed out, cut
+                if isinstance(e, NotEnoughSpaceError) or getattr(e, "errno", None) == errno.ENOSPC:
+                    raise  # no URL can help
+                last_error[url] = str(getattr(e, "reason", e)) or type(e).__name__
+                short = isinstance(e, _ShortRead)
+            if _size(part) > before:
+                delay = backoff  # progress: a flaky connection, not a dead server
+                log.info("%s: %s; resuming from byte %d", url, last_error[url], _size(part))
+                continue
+            failures += 1
+            if failures == retries:
+                if short and part.exists():
+                    # the server keeps announcing bytes it never sends: what we hold is not that file
+                    part.unlink()
+                    last_error[url] = f"size mismatch, {last_error[url]}; deleted the partial file"
+                break
+            log.info("%s: %s; retrying in %.2f s (try %d of %d)", url, last_error[url], delay, failures + 1, retries)
+            time.sleep(delay)
+            delay *= 2
+        log.warning("giving up on %s: %s", url, last_error[url])
+    lines = "\n".join(f"  {url}: {error}" for url, error in last_error.items())
+    raise DownloadError(f"could not download {dest.name}; every URL failed:\n{lines}")
 
 
 def _check_member(member: tarfile.TarInfo) -> None:
-    path = PurePosixPath(member.name)
-    if member.name.startswith(("/", "\\")) or (path.parts and ":" in path.parts[0]):  # POSIX or drive path
+    name = member.name.replace("\\", "/")  # a Windows-made archive may use backslashes
+    path = PurePosixPath(name)
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):  # POSIX root or a drive letter
         raise UnsafeArchiveError(f"archive member {member.name!r} has an absolute path")
     if ".." in path.parts:
         raise UnsafeArchiveError(f"archive member {member.name!r} points outside the target with '..'")
@@ -156,45 +227,68 @@ def _check_member(member: tarfile.TarInfo) -> None:
 
 
 def safe_extract(archive: Path, dest: Path, progress: bool = True) -> Path:
-    """Unpack a tar (optionally gzip-compressed) archive into `dest`, refusing anything unsafe.
+    """Unpack a tar archive (plain or gzip-compressed) into the new folder `dest`, refusing anything unsafe.
 
-    Every member is checked before anything is written: absolute paths, '..', links, devices and FIFOs are
-    refused. The archive is unpacked into a temporary folder beside `dest` and renamed once complete.
+    Every member is checked before anything is written: absolute paths, '..', symlinks, hardlinks, devices and
+    FIFOs are refused. Members are written into `.{dest.name}.extracting` beside `dest` (a leftover of an
+    interrupted run is removed first), renamed to `dest` once complete.
 
     Args:
         archive: the .tar.gz / .tgz / .tar file.
-        dest: the folder to create (must not exist yet).
+        dest: the folder to create; it must not exist yet.
         progress: tqdm bar over members.
     Returns:
         `dest`.
+    Raises:
+        UnsafeArchiveError: a member is unsafe (nothing is written).
+        ValueError: the file is not a readable tar archive.
+        NotEnoughSpaceError: the disk cannot hold the unpacked members.
     """
     archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise FileNotFoundError(f"archive {archive} does not exist")
     if dest.exists():
         raise FileExistsError(f"{dest} exists already; remove it to unpack {archive.name} again")
-    with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-        for m in members:
-            _check_member(m)
-        _check_free(dest.parent, sum(m.size for m in members), f"unpacking {archive.name}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            for m in tqdm(members, desc=f"unpacking {archive.name}", unit="file", disable=not progress, leave=False):
-                target = tmp / m.name
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    tmp = dest.with_name(f".{dest.name}.extracting")
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()  # reads the whole archive: all members are known before any is written
+            for m in members:
+                _check_member(m)
+            _check_free(dest.parent, sum(m.size for m in members), f"unpacking {archive.name}")
+            if tmp.exists():
+                log.info("removing %s, left by an interrupted extraction", tmp)
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            try:
+                for m in tqdm(members, desc=f"unpacking {archive.name}", unit="file", disable=not progress,
+                              leave=False):
+                    target = tmp / m.name.replace("\\", "/")
+                    if m.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(m) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                os.replace(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # corrupt or cut short
+        raise ValueError(f"{archive} is not a readable tar archive ({e}); delete it and download it again") from e
+    log.info("unpacked %s (%d members) to %s", archive, len(members), dest)
     return dest
 
 
+def _is_class_dir(path: Path, wanted: set) -> bool:
+    return path.name in wanted and ((path / "train").is_dir() or (path / "test").is_dir())
+
+
 def find_class_root(root: Path, classes: Sequence[str] = MODELNET40_CLASSES, max_depth: int = 3) -> Optional[Path]:
-    """The folder under `root` whose children are class folders with train/ or test/ inside.
+    """The folder under `root` (or `root` itself) whose children are class folders with train/ or test/ inside.
+
+    Where several folders qualify, the one with the most class folders wins, then the shallowest, then the first
+    by name. Hidden folders (unfinished extractions) are skipped.
 
     Args:
         root: where to look.
@@ -203,32 +297,56 @@ def find_class_root(root: Path, classes: Sequence[str] = MODELNET40_CLASSES, max
     Returns:
         The folder, or None if there is none.
     """
-    root = Path(root)
-    wanted = set(classes)
-    level = [root] if root.is_dir() else []
-    for _ in range(max_depth + 1):
-        nxt = []
+    root, wanted = Path(root), set(classes)
+    best, best_key = None, None
+    level: List[Path] = [root] if root.is_dir() else []
+    for depth in range(max_depth + 1):
+        deeper = []
         for folder in sorted(level):
-            if folder.name.startswith("."):
-                continue  # a temporary folder of an unfinished extraction
-            subdirs = [p for p in folder.iterdir() if p.is_dir()]
-            hits = [p for p in subdirs if p.name in wanted and ((p / "train").is_dir() or (p / "test").is_dir())]
+            try:
+                subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:  # unreadable: cannot hold the renders we could use
+                continue
+            hits = sum(_is_class_dir(p, wanted) for p in subdirs)
             if hits:
-                return folder
-            nxt.extend(subdirs)
-        level = nxt
-    return None
+                key = (-hits, depth, str(folder))
+                if best_key is None or key < best_key:
+                    best, best_key = folder, key
+                continue  # the class folders themselves hold no further class roots
+            deeper.extend(subdirs)
+        level = deeper
+    if best is not None and -best_key[0] < len(wanted):
+        log.warning("%s holds only %d of the %d class folders", best, -best_key[0], len(wanted))
+    return best
 
 
-def ensure_modelnet(cfg: DataConfig, progress: bool = True, retries: int = 5, backoff: float = 1.0) -> Path:
-    """The folder holding the 40 class folders: found under `cfg.data_dir`, unpacked, or downloaded and unpacked.
+def _pick_archive(data_dir: Path) -> Optional[Path]:
+    """An archive the user placed in `data_dir`: the expected name first, else the first by name."""
+    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
+    preferred = [p for p in archives if p.name == ARCHIVE_NAME]
+    return (preferred or archives or [None])[0]
+
+
+def _stem(archive: Path) -> str:
+    return next(archive.name[: -len(s)] for s in ARCHIVE_SUFFIXES if archive.name.endswith(s))
+
+
+def ensure_modelnet(cfg: DataConfig, progress: bool = True, retries: int = 5, backoff: float = 1.0,
+                    timeout: float = 30) -> Path:
+    """The folder holding the ModelNet40 class folders, found under `cfg.data_dir`, unpacked, or downloaded.
+
+    In order: an unpacked folder anywhere under `data_dir` (a few levels deep, any name); an archive
+    (*.tar.gz, *.tgz, *.tar) placed in `data_dir`, unpacked beside it; else a download of
+    `[cfg.url, *cfg.mirrors]` to `{data_dir}/shaded_images.tar.gz`, checked against `cfg.sha256`, then unpacked.
 
     Args:
         cfg: data settings (`data_dir`, `url`, `mirrors`, `sha256`).
         progress: tqdm bars.
-        retries, backoff: per-URL tries and the first back-off in seconds (see `download`).
+        retries, backoff, timeout: per-URL tries, first back-off and request timeout in seconds (see `download`).
     Returns:
-        The class root, e.g. `ModelNet/modelnet40_images_new_12x`.
+        The class root, e.g. `ModelNet/shaded_images/modelnet40_images_new_12x`.
+    Raises:
+        DownloadError: every URL failed; the message says how to provide the data by hand.
     """
     data_dir = Path(cfg.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -236,28 +354,25 @@ def ensure_modelnet(cfg: DataConfig, progress: bool = True, retries: int = 5, ba
     if root is not None:
         log.info("using the renders in %s", root)
         return root
-    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
-    if archives:
-        archive = archives[0]
+    archive = _pick_archive(data_dir)
+    if archive is not None:
+        log.info("unpacking %s, found in %s", archive.name, data_dir)
     else:
         urls = [cfg.url, *cfg.mirrors]
+        log.info("no renders or archive in %s: downloading %s", data_dir, ", ".join(urls))
         try:
-            archive = download(urls, data_dir / ARCHIVE_NAME, sha256=cfg.sha256, retries=retries, backoff=backoff,
-                               progress=progress)
+            archive = download(urls, data_dir / ARCHIVE_NAME, sha256=cfg.sha256, timeout=timeout, retries=retries,
+                               backoff=backoff, progress=progress)
         except DownloadError as e:
             raise DownloadError(
                 f"{e}\nThe public link has been reported dead at times. Alternatives:\n"
                 f"  1. download {ARCHIVE_NAME} by other means and place it in {data_dir}/ (it is unpacked for you);\n"
                 f"  2. place the unpacked folder (the one holding airplane/, bathtub/, ...) in {data_dir}/;\n"
                 f"  3. pass other URLs: DataConfig(url=..., mirrors=(...)).") from None
-    name = archive.name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    unpacked = safe_extract(archive, data_dir / name, progress=progress)
+    unpacked = safe_extract(archive, data_dir / _stem(archive), progress=progress)
     root = find_class_root(unpacked)
     if root is None:
-        raise FileNotFoundError(f"{archive} holds no ModelNet40 class folders (airplane/, bathtub/, ... with "
-                                "train/ and test/ inside)")
+        raise FileNotFoundError(f"{archive} holds no ModelNet40 class folders (airplane/, bathtub/, ... with train/ "
+                                f"and test/ inside); its contents are in {unpacked}")
+    log.info("using the renders in %s", root)
     return root

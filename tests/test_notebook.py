@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(DATASET="embedded", IMAGE_SIZE=32, BATCH_SIZE=16, LR=0.05, MOMENTUM=0.9, MAX_EPOCHS=2, SEEDS=[0],
-            ALGORITHMS=["vanilla", "random", "guided"], EMBEDDED_PER_CLASS=16, NUM_WORKERS=0, PROGRESS=False)
+            ALGORITHMS=["vanilla", "random", "guided"], EMBEDDED_PER_CLASS=16, EMBEDDED_TEST_PER_CLASS=4, NUM_WORKERS=0, PROGRESS=False)
 
 
 def execute(tmp_path: Path, out_name: str) -> dict:
