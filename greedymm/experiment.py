@@ -127,7 +127,8 @@ def format_table(table: Mapping[str, Mapping[str, tuple]], paper: Optional[Mappi
     def pm(mean: float, std: float, scale: float = 1.0, digits: int = 3) -> str:
         return "n/a" if math.isnan(mean) else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
-    head = ["algorithm", "seeds", "acc %", "acc y0 %", "acc y1 %", "u(m1|m0)", "u(m0|m1)", "d_util", "d_speed"]
+    # the escaped bar keeps u(m1|m0) from splitting a Markdown table cell
+    head = ["algorithm", "seeds", "acc %", "acc y0 %", "acc y1 %", "u(m1\\|m0)", "u(m0\\|m1)", "d_util", "d_speed"]
     if paper:
         head += ["paper acc %", "paper d_util"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -73,8 +73,9 @@ def plot_learning_curves(histories: Mapping[str, Sequence[dict]]) -> Figure:
         ax_branch.plot(epochs, [h[f"{split}_acc0"] for h in hist], color=color, label=f"{label} y0 (m0)")
         ax_branch.plot(epochs, [h[f"{split}_acc1"] for h in hist], color=color, ls=":", label=f"{label} y1 (m1)")
     ax_loss.set(title="loss CE(y0) + CE(y1)", xlabel="epoch", yscale="log")  # early val losses dwarf the rest
-    ax_acc.set(title="accuracy of (y0 + y1) / 2", xlabel="epoch", ylim=(0, 1.02))
-    ax_branch.set(title="branch accuracies", xlabel="epoch", ylim=(0, 1.02))
+    split = "val" if any(hist and "val_acc" in hist[0] for hist in histories.values()) else "train"
+    ax_acc.set(title=f"{split} accuracy of (y0 + y1) / 2", xlabel="epoch", ylim=(0, 1.02))
+    ax_branch.set(title=f"{split} accuracy of each branch", xlabel="epoch", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc, ax_branch):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
