@@ -4,7 +4,7 @@ built without pyplot: no global state, nothing shown twice in a notebook, `fig.s
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure

@@ -1,8 +1,6 @@
 """The summary table, the paper's numbers and the figures (paper Sec. 5; SPEC Sec. 8)."""
-import math
 
 import numpy as np
-import pytest
 from matplotlib.patches import Rectangle
 from torch.testing import assert_close
 

@@ -1,8 +1,6 @@
 """The notebook top to bottom with papermill on a tiny embedded setting, twice: the second run resumes."""
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
