@@ -45,13 +45,6 @@ class CLSTracker:
         self._sub_membership: Dict[tuple, torch.Tensor] = {}  # columns of the parameters that have gradients
         self.sums = torch.zeros(len(CLS_GROUPS), dtype=torch.float64, device=device)  # (4,) cumulative mu
 
-    def to(self, device: torch.device) -> "CLSTracker":
-        """Move the membership matrix and sums to `device` (after moving the model)."""
-        self.membership = self.membership.to(device)
-        self.sums = self.sums.to(device)
-        self._sub_membership = {}
-        return self
-
     @torch.no_grad()
     def compute_mu(self) -> torch.Tensor:
         """mu of each group from the current gradients, which must be unscaled (call after backward,

@@ -36,7 +36,7 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 # Linux: fork starts workers in milliseconds (spawn and forkserver re-import the caller's main script, torch
 # included, in every worker) and is safe here, as for torch's DataLoader: workers touch only numpy and PIL, never
 # torch, CUDA, tqdm or stdout. Elsewhere spawn (fork is unsafe on macOS): tasks are plain, picklable data.
-_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 _CHUNK_OBJECTS = 16  # most objects per worker task: small enough for a smooth progress bar
 
 
@@ -345,7 +345,7 @@ def _fill_all(tasks: List[tuple], workers: int, bar: tqdm) -> bool:
                 return False
             bar.update(len(task[2]))
         return True
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_START_METHOD))
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(START_METHOD))
     try:
         futures = {pool.submit(_fill_chunk, *task): len(task[2]) for task in tasks}
         for future in concurrent.futures.as_completed(futures):

@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cache import SPLITS, cache_is_current, write_cache
+from .cache import START_METHOD, SPLITS, cache_is_current, write_cache  # workers use numpy only
 from .config import NUM_VIEWS, DataConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ _EXTENT = 0.92  # half the side of the orthographic image plane, in object units
 _FAR = 4.0  # rays start this far from the origin, behind every part
 _AMBIENT = 0.2  # share of the light reaching surfaces turned away from the lamp
 _MARGIN = 0.06  # cue parts keep this far inside the face they sit on
-_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"  # as in cache.py: workers use numpy only
 _MIN_PARALLEL = 96  # fewer objects than this are rendered in this process: starting workers would cost more
 
 
@@ -404,7 +402,7 @@ def render_dataset(cfg: DataConfig, progress: bool = True,
                 chunks[task] = _render_chunk(cfg.embedded_seed, task[1], task[2], cfg.image_size)
                 bar.update(len(task[2]))
         else:
-            context = multiprocessing.get_context(_START_METHOD)
+            context = multiprocessing.get_context(START_METHOD)
             with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
                 futures = {pool.submit(_render_chunk, cfg.embedded_seed, t[1], t[2], cfg.image_size): t for t in tasks}
                 for future in concurrent.futures.as_completed(futures):

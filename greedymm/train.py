@@ -199,6 +199,7 @@ class Trainer:
         self.epoch_acc = self._new_epoch_acc()
         self.stop_reason: Optional[str] = None
         self._logs: Dict[str, object] = {}  # open steps.jsonl / epochs.jsonl while fit() runs
+        self._clock = 0.0  # perf_counter at the last _tick of the epoch's training time
 
     # ----------------------------------------------------------------------------------------- checkpoints
     @staticmethod
@@ -324,7 +325,7 @@ class Trainer:
         total = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
         bar = tqdm(total=total, initial=self.batch, desc=f"{cfg.run_name} epoch {self.epoch + 1}",
                    disable=not cfg.progress, leave=False, dynamic_ncols=True)
-        t0 = time.perf_counter()
+        self._clock = time.perf_counter()
         self.model.train()
         try:
             for x0, x1, y in self._batches():
@@ -334,20 +335,25 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", d_speed=f"{record['d_speed']:+.3f}",
                                     mode=record["mode"], refresh=False)
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    self.epoch_acc["time"] += time.perf_counter() - t0
+                    self._tick()
                     self.save("last")  # stop mid-epoch at the exact position: a larger budget continues here
                     self.stop_reason = "max_steps"
                     return
                 if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
-                    self.epoch_acc["time"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
+                    self._tick()
                     self.save("last")
         finally:
             bar.close()
-        self.epoch_acc["time"] += time.perf_counter() - t0
+        self._tick()
         if self.epoch_acc["n"] == 0:
             raise ValueError(f"the training loader yielded no batches in epoch {self.epoch}")
         self._end_epoch()
+
+    def _tick(self) -> None:
+        """Add the time since the last tick to the epoch's training time (kept in checkpoints)."""
+        now = time.perf_counter()
+        self.epoch_acc["time"] += now - self._clock
+        self._clock = now
 
     def _train_step(self, x0: torch.Tensor, x1: torch.Tensor, y: torch.Tensor) -> dict:
         mode = self.schedule.next_mode(self.epoch)

@@ -90,7 +90,7 @@ def test_cache_equals_source_pixels(tree, tmp_path):
 def test_two_workers_give_the_same_cache(tree, tmp_path, monkeypatch, start_method):
     if start_method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {start_method} on this platform")
-    monkeypatch.setattr(cache_module, "_START_METHOD", start_method)
+    monkeypatch.setattr(cache_module, "START_METHOD", start_method)
     root, _ = tree
     one = build_cache(root, tmp_path / "one", CLASSES, workers=1, progress=False)
     two = build_cache(root, tmp_path / "two", CLASSES, workers=2, progress=False)
