@@ -15,9 +15,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.common import update_results  # noqa: E402
-from greedymm.cache import build_cache, open_split  # noqa: E402
-from greedymm.config import MODELNET40_CLASSES  # noqa: E402
-from greedymm.data import TwoViewLoader  # noqa: E402
+from greedymm.data.cache import build_cache, open_split  # noqa: E402
+from greedymm.data.modelnet import MODELNET40_CLASSES  # noqa: E402
+from greedymm.data.loader import TwoViewLoader  # noqa: E402
 
 SIZE = 224
 CLASSES = MODELNET40_CLASSES[:10]

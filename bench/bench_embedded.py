@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import update_results  # noqa: E402
 from greedymm.config import DataConfig  # noqa: E402
-from greedymm.embedded import build_embedded_cache  # noqa: E402
+from greedymm.data.embedded import build_embedded_cache  # noqa: E402
 
 
 def main() -> None:

@@ -14,15 +14,9 @@ from typing import Any, Optional, Tuple
 MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
 ALGORITHMS = ("vanilla", "guided", "random")
 DATASETS = ("modelnet40", "embedded")
-NUM_VIEWS = 12
-# The 40 ModelNet40 classes; a label is the index in this list (SPEC Sec. 1).
-MODELNET40_CLASSES = (
-    "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone",
-    "cup", "curtain", "desk", "door", "dresser", "flower_pot", "glass_box", "guitar", "keyboard",
-    "lamp", "laptop", "mantel", "monitor", "night_stand", "person", "piano", "plant", "radio",
-    "range_hood", "sink", "sofa", "stairs", "stool", "table", "tent", "toilet", "tv_stand", "vase",
-    "wardrobe", "xbox",
-)
+# Views per object in each dataset's cache (the ModelNet40 renders and the embedded set have 12).
+DATASET_VIEWS = {"modelnet40": 12, "embedded": 12}
+
 
 
 @dataclass
@@ -58,9 +52,10 @@ class DataConfig:
             raise ValueError(f"dataset={self.dataset!r} is unknown; allowed: {', '.join(DATASETS)}")
         if len(self.views) != 2:
             raise ValueError(f"views={self.views} must name exactly two view indices (m0, m1)")
+        n_views = DATASET_VIEWS[self.dataset]
         for v in self.views:
-            if not 0 <= v < NUM_VIEWS:
-                raise ValueError(f"views={self.views}: each view index must be in 0..{NUM_VIEWS - 1}")
+            if not 0 <= v < n_views:
+                raise ValueError(f"views={self.views}: each view index must be in 0..{n_views - 1}")
         if self.views[0] == self.views[1]:
             raise ValueError(f"views={self.views}: m0 and m1 must be two different views")
         if not 8 <= self.image_size <= 1024:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import greedymm.cache as cache_module
-from greedymm.cache import (FORMAT_VERSION, CacheError, build_cache, cache_is_current, open_split,
+import greedymm.data.cache as cache_module
+from greedymm.data.cache import (FORMAT_VERSION, CacheError, build_cache, cache_is_current, open_split,
                             read_manifest, write_cache)
 
 CLASSES = ("airplane", "bed", "chair")

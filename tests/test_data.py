@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import greedymm.data as data
-from greedymm.cache import open_split, write_cache
+import greedymm.data.loader as data
+from greedymm.data.cache import open_split, write_cache
 from greedymm.config import DataConfig
-from greedymm.data import TwoViewLoader, finish_batch, build_loaders, cache_dir_for, split_indices
+from greedymm.data.loader import TwoViewLoader, finish_batch, build_loaders, cache_dir_for, split_indices
 
 H, W = 4, 6
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SPEC Sec. 1

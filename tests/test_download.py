@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from greedymm.config import DataConfig
-from greedymm.download import (DownloadError, UnsafeArchiveError, download, ensure_modelnet, find_class_root,
-                               safe_extract)
+from greedymm.data.download import DownloadError, UnsafeArchiveError, download, safe_extract
+from greedymm.data.modelnet import ensure_modelnet, find_class_root
 
 TOP = "modelnet40_images_new_12x"
 CLASSES = ("airplane", "bathtub", "chair")

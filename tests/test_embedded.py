@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import greedymm.embedded as embedded
-from greedymm.cache import build_cache, open_split, read_manifest
-from greedymm.config import MODELNET40_CLASSES, DataConfig
-from greedymm.embedded import (EMBEDDED_CLASSES, EmbeddedObject, Part, build_embedded_cache, render_dataset,
+import greedymm.data.embedded as embedded
+from greedymm.data.cache import build_cache, open_split, read_manifest
+from greedymm.config import DataConfig
+from greedymm.data.modelnet import MODELNET40_CLASSES
+from greedymm.data.embedded import (EMBEDDED_CLASSES, EmbeddedObject, Part, build_embedded_cache, render_dataset,
                                render_views, sample_object, write_png_tree)
 
 SMOKE = DataConfig.smoke()  # 32 px, 12 training and 4 test objects per class

@@ -22,11 +22,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import MODELNET40_CLASSES, NUM_VIEWS, save_json
+from ..config import save_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+NUM_VIEWS = 12  # views per object in a render tree (the MVCNN layout)
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
 # `{class}_{NNNN}.obj.shaded_v{001..012}.png` -> object name `{class}_{NNNN}` (also `name_v001.png`).
@@ -357,7 +358,7 @@ def _fill_all(tasks: List[tuple], workers: int, bar: tqdm) -> bool:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def build_cache(image_root: Path, cache_dir: Path, classes: Sequence[str] = MODELNET40_CLASSES,
+def build_cache(image_root: Path, cache_dir: Path, classes: Sequence[str],
                 image_size: Optional[int] = None, force: bool = False, workers: int = 0,
                 progress: bool = True) -> Path:
     """Build (or reuse) the cache from a PNG tree in the ModelNet layout; a stale cache is rebuilt.

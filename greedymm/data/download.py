@@ -1,5 +1,5 @@
-"""Fetching the ModelNet40 12-view renders (SPEC Sec. 1): a resumable HTTP download with retries and checks, a
-safe atomic extraction of the archive, and a search for the class folders whatever the top folder is called.
+"""Fetching data archives (SPEC Sec. 1): a resumable HTTP download with retries, size and checksum checks, and a
+safe atomic extraction of a tar archive.
 """
 from __future__ import annotations
 
@@ -21,11 +21,8 @@ from typing import Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .config import MODELNET40_CLASSES, DataConfig
-
 log = logging.getLogger(__name__)
 
-ARCHIVE_NAME = "shaded_images.tar.gz"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _RETRY_HTTP = (408, 429)  # client-side codes that mean "try again later"; every 5xx is retried too
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -278,101 +275,3 @@ def safe_extract(archive: Path, dest: Path, progress: bool = True) -> Path:
         raise ValueError(f"{archive} is not a readable tar archive ({e}); delete it and download it again") from e
     log.info("unpacked %s (%d members) to %s", archive, len(members), dest)
     return dest
-
-
-def _is_class_dir(path: Path, wanted: set) -> bool:
-    return path.name in wanted and ((path / "train").is_dir() or (path / "test").is_dir())
-
-
-def find_class_root(root: Path, classes: Sequence[str] = MODELNET40_CLASSES, max_depth: int = 3) -> Optional[Path]:
-    """The folder under `root` (or `root` itself) whose children are class folders with train/ or test/ inside.
-
-    Where several folders qualify, the one with the most class folders wins, then the shallowest, then the first
-    by name. Hidden folders (unfinished extractions) are skipped.
-
-    Args:
-        root: where to look.
-        classes: the class names to recognise.
-        max_depth: how many folder levels below `root` to search.
-    Returns:
-        The folder, or None if there is none.
-    """
-    root, wanted = Path(root), set(classes)
-    best, best_key = None, None
-    level: List[Path] = [root] if root.is_dir() else []
-    for depth in range(max_depth + 1):
-        deeper = []
-        for folder in sorted(level):
-            try:
-                subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-            except OSError:  # unreadable: cannot hold the renders we could use
-                continue
-            hits = sum(_is_class_dir(p, wanted) for p in subdirs)
-            if hits:
-                key = (-hits, depth, str(folder))
-                if best_key is None or key < best_key:
-                    best, best_key = folder, key
-                continue  # the class folders themselves hold no further class roots
-            deeper.extend(subdirs)
-        level = deeper
-    if best is not None and -best_key[0] < len(wanted):
-        log.warning("%s holds only %d of the %d class folders", best, -best_key[0], len(wanted))
-    return best
-
-
-def _pick_archive(data_dir: Path) -> Optional[Path]:
-    """An archive the user placed in `data_dir`: the expected name first, else the first by name."""
-    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
-    preferred = [p for p in archives if p.name == ARCHIVE_NAME]
-    return (preferred or archives or [None])[0]
-
-
-def _stem(archive: Path) -> str:
-    return next(archive.name[: -len(s)] for s in ARCHIVE_SUFFIXES if archive.name.endswith(s))
-
-
-def ensure_modelnet(cfg: DataConfig, progress: bool = True, retries: int = 5, backoff: float = 1.0,
-                    timeout: float = 30) -> Path:
-    """The folder holding the ModelNet40 class folders, found under `cfg.data_dir`, unpacked, or downloaded.
-
-    In order: an unpacked folder anywhere under `data_dir` (a few levels deep, any name); an archive
-    (*.tar.gz, *.tgz, *.tar) placed in `data_dir`, unpacked beside it; else a download of
-    `[cfg.url, *cfg.mirrors]` to `{data_dir}/shaded_images.tar.gz`, checked against `cfg.sha256`, then unpacked.
-
-    Args:
-        cfg: data settings (`data_dir`, `url`, `mirrors`, `sha256`).
-        progress: tqdm bars.
-        retries, backoff, timeout: per-URL tries, first back-off and request timeout in seconds (see `download`).
-    Returns:
-        The class root, e.g. `ModelNet/shaded_images/modelnet40_images_new_12x`.
-    Raises:
-        DownloadError: every URL failed; the message says how to provide the data by hand.
-    """
-    data_dir = Path(cfg.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    root = find_class_root(data_dir)
-    if root is not None:
-        log.info("using the renders in %s", root)
-        return root
-    archive = _pick_archive(data_dir)
-    if archive is not None:
-        log.info("unpacking %s, found in %s", archive.name, data_dir)
-    else:
-        urls = [cfg.url, *cfg.mirrors]
-        log.info("no renders or archive in %s: downloading %s", data_dir, ", ".join(urls))
-        try:
-            archive = download(urls, data_dir / ARCHIVE_NAME, sha256=cfg.sha256, timeout=timeout, retries=retries,
-                               backoff=backoff, progress=progress)
-        except DownloadError as e:
-            raise DownloadError(
-                f"{e}\nThe public link has been reported dead at times. Alternatives:\n"
-                f"  1. download {ARCHIVE_NAME} by other means and place it in {data_dir}/ (it is unpacked for you);\n"
-                f"  2. place the unpacked folder (the one holding airplane/, bathtub/, ...) in {data_dir}/;\n"
-                f"  3. pass other URLs: DataConfig(url=..., mirrors=(...)).") from None
-    unpacked = safe_extract(archive, data_dir / _stem(archive), progress=progress)
-    root = find_class_root(unpacked)
-    if root is None:
-        raise FileNotFoundError(f"{archive} holds no ModelNet40 class folders (airplane/, bathtub/, ... with train/ "
-                                f"and test/ inside); its contents are in {unpacked}")
-    log.info("using the renders in %s", root)
-    return root

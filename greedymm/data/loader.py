@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import DataConfig
 from .cache import build_cache, cache_is_current, open_split, read_manifest
-from .config import MODELNET40_CLASSES, DataConfig
+from .modelnet import MODELNET40_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
         if root and not Path(root).exists() and cache_is_current(cache_dir, expected):
             log.info("using the cache in %s (its source renders %s are gone)", cache_dir, root)
             return cache_dir
-    from . import download  # imported here: the embedded dataset never downloads
+    from .modelnet import ensure_modelnet  # imported here: the embedded dataset never downloads
 
-    image_root = download.ensure_modelnet(cfg, progress=progress)
+    image_root = ensure_modelnet(cfg, progress=progress)
     return build_cache(image_root, cache_dir, MODELNET40_CLASSES, image_size=cfg.image_size,
                        force=cfg.make_npy_files, workers=cfg.cache_workers, progress=progress)
 

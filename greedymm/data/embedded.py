@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cache import START_METHOD, SPLITS, cache_is_current, write_cache  # workers use numpy only
-from .config import NUM_VIEWS, DataConfig
+from ..config import DataConfig
+from .cache import NUM_VIEWS, START_METHOD, SPLITS, cache_is_current, write_cache  # workers use numpy only
 
 log = logging.getLogger(__name__)
 
