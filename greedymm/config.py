@@ -69,6 +69,14 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must be strictly between 0 and 1")
 
+    # Fields that do not change a run's result: where files live, how fast they are read, evaluation batching.
+    NOT_IDENTITY = ("data_dir", "url", "mirrors", "sha256", "make_npy_files", "eval_batch_size", "num_workers",
+                    "cache_workers")
+
+    def identity(self) -> dict:
+        """The settings that define a run's data: every field that changes its result (see NOT_IDENTITY)."""
+        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY}
+
     @classmethod
     def paper(cls, **overrides: Any) -> "DataConfig":
         """ModelNet40 front/rear views at 224 px, batch 8 (SPEC Sec. 1 and 6)."""
@@ -148,6 +156,15 @@ class TrainConfig:
             raise ValueError(f"ckpt_every_steps={self.ckpt_every_steps} must be at least 1, or None")
         if not self.run_name or any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
             raise ValueError(f"run_name={self.run_name!r} must be a non-empty folder name without slashes")
+
+    # Fields that do not change a run's result: its name and folders, progress bars, extra checkpoints and test
+    # evaluation, and the budgets (a run stopped by max_epochs or max_steps may be continued with a larger one).
+    NOT_IDENTITY = ("run_name", "log_dir", "ckpt_dir", "progress", "ckpt_every_steps", "eval_test", "max_epochs",
+                    "max_steps")
+
+    def identity(self) -> dict:
+        """The settings that define a training run: every field that changes its result (see NOT_IDENTITY)."""
+        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY}
 
     @classmethod
     def paper(cls, **overrides: Any) -> "TrainConfig":
