@@ -1,11 +1,13 @@
 """Conditional learning speed and the balancing schedules (paper Sec. 3.3 and Algorithm 1;
-SPEC Sec. 4-5): mu, s(m1|m0), s(m0|m1), d_speed, and the vanilla / guided / random step modes.
+SPEC Sec. 4-5): mu, s(m1|m0), s(m0|m1), d_speed, the vanilla / guided / random step modes, and `Algorithm`,
+the plug-in through which every training algorithm (these three, the baselines, the balancers) meets the trainer.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .mmtm import FusionMode
@@ -67,17 +69,21 @@ class CLSTracker:
         return (members @ grad_sq) / (self.membership @ weight_sq)  # (4,)
 
     @torch.no_grad()
-    def update(self, mu: torch.Tensor, regular: bool) -> torch.Tensor:
-        """Add mu to the cumulative sums if the step was regular, and return the speeds.
+    def update(self, mu: torch.Tensor, regular: bool, skipped: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add mu to the cumulative sums if the step was regular and taken, and return the speeds.
 
         Args:
             mu: (4,) from `compute_mu`.
             regular: True for a fused (regular) step; re-balancing steps are not accumulated (SPEC Sec. 4).
+            skipped: 0-d tensor, nonzero when the optimizer step is skipped (fp16 gradients overflowed): such a
+                step's mu is inf/NaN and adds nothing. A tensor, so that no host synchronisation is needed.
         Returns:
             (3,) float64 tensor: s(m1|m0), s(m0|m1), d_speed (NaN before the first regular step).
         """
-        if regular:
+        if regular and skipped is None:
             self.sums += mu
+        elif regular:
+            self.sums += torch.where(skipped.to(self.sums.device) == 0, mu, torch.zeros_like(mu))
         s_m1_m0 = torch.log10(self.sums[2] / self.sums[0])
         s_m0_m1 = torch.log10(self.sums[3] / self.sums[1])
         return torch.stack([s_m1_m0, s_m0_m1, s_m1_m0 - s_m0_m1])
@@ -104,8 +110,8 @@ class Schedule:
         """
         return FusionMode.FUSED
 
-    def observe(self, mode: FusionMode, d_speed: float) -> None:
-        """Tell the schedule the d_speed after a step taken in `mode`."""
+    def observe(self, mode: FusionMode, d_speed: float, skipped: bool = False) -> None:
+        """Tell the schedule the d_speed after a step taken in `mode` (`skipped`: the optimizer skipped it)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -151,8 +157,10 @@ class GuidedSchedule(Schedule):
             return self.window_mode
         return FusionMode.FUSED
 
-    def observe(self, mode: FusionMode, d_speed: float) -> None:
-        if mode is FusionMode.FUSED:
+    def observe(self, mode: FusionMode, d_speed: float, skipped: bool = False) -> None:
+        if skipped:  # no step was taken and nothing was added to the CLS sums: nothing new to check
+            self.last_d_speed = None
+        elif mode is FusionMode.FUSED:
             self.last_d_speed = d_speed
 
     def state_dict(self) -> dict:
@@ -197,17 +205,100 @@ def make_schedule(algorithm: str, epsilon: float = 0.01, window: int = 5, warmup
     """Build the schedule of a training algorithm.
 
     Args:
-        algorithm: "vanilla", "guided" or "random".
+        algorithm: "guided" or "random"; every other algorithm takes regular steps only (vanilla's schedule).
         epsilon, window: guided's tolerance and window.
         warmup_epochs: regular-only epochs before guided/random balancing.
         seed: random's seed.
     Returns:
         A Schedule.
     """
-    if algorithm == "vanilla":
-        return Schedule()
     if algorithm == "guided":
         return GuidedSchedule(epsilon, window, warmup_epochs)
     if algorithm == "random":
         return RandomSchedule(warmup_epochs, seed)
-    raise ValueError(f"algorithm={algorithm!r} is unknown; allowed: vanilla, guided, random")
+    return Schedule()
+
+
+Outputs = Dict[str, torch.Tensor]  # a forward pass: "y0", "y1" (two branches) or "y" (one), plus extras
+
+
+class Algorithm:
+    """A training algorithm as the trainer sees it: the fusion mode of each step, the forward pass and loss, and
+    optional hooks after the backward pass and at the end of an epoch.
+
+    This class is the paper's multi-modal training (SPEC Sec. 2 and 5): the two-branch model, the loss
+    CE(y0_hat, y) + CE(y1_hat, y), and the step modes of its schedule (vanilla, random or guided). Baselines
+    (`greedymm.baselines`) and balancers override the pieces they change; the trainer keeps the rest (CLS, logs,
+    checkpoints, exact resume) the same for all.
+
+    Args:
+        schedule: the step modes; vanilla's (regular steps only) if None.
+    """
+
+    name = "vanilla"
+    multimodal = True  # two branches: the CLS is logged and the CUR applies (False for a uni-modal network)
+
+    def __init__(self, schedule: Optional[Schedule] = None) -> None:
+        self.schedule = schedule or Schedule()
+        if type(self) is Algorithm:  # the paper's multi-modal training is named by its schedule
+            self.name = self.schedule.name
+
+    def setup(self, model: nn.Module) -> Optional[nn.Module]:
+        """Called once by the trainer before training: check the model, build extra trainable modules.
+
+        Returns:
+            Modules trained and checkpointed beside the model (e.g. RUBi's bias classifier), or None.
+        """
+        if not hasattr(model, "cls_groups"):
+            raise TypeError(f"algorithm {self.name!r} trains a two-branch model (TwoBranchNet); got "
+                            f"{type(model).__name__}")
+        return None
+
+    def next_mode(self, epoch: int) -> FusionMode:
+        """The fusion mode of the next step (0-based `epoch`)."""
+        return self.schedule.next_mode(epoch)
+
+    def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, mode: FusionMode) -> Outputs:
+        """The training forward pass (run under autocast by the trainer).
+
+        Returns:
+            {"y0": (B, K), "y1": (B, K)} logits.
+        """
+        y0_hat, y1_hat = model(x0, x1, mode)
+        return {"y0": y0_hat, "y1": y1_hat}
+
+    def loss(self, out: Outputs, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The training loss and its named terms (logged per step and averaged per epoch as train_<name>).
+
+        Returns:
+            (loss, {"loss0": CE(y0_hat, y), "loss1": CE(y1_hat, y)}), the loss being their sum (SPEC Sec. 2).
+        """
+        loss0 = F.cross_entropy(out["y0"].float(), y)
+        loss1 = F.cross_entropy(out["y1"].float(), y)
+        return loss0 + loss1, {"loss0": loss0, "loss1": loss1}
+
+    def after_backward(self, model: nn.Module, out: Outputs, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Called after the backward pass and the CLS, before the optimizer step, with unscaled gradients.
+
+        Returns:
+            0-d tensors to log with the step (read with the step's one host synchronisation).
+        """
+        return {}
+
+    def observe(self, mode: FusionMode, record: dict) -> None:
+        """Called after each step with its logged record (host values)."""
+        self.schedule.observe(mode, record.get("d_speed", float("nan")), record.get("skipped", False))
+
+    def end_epoch(self, record: dict) -> dict:
+        """Called at the end of each epoch with its record (training and validation figures).
+
+        Returns:
+            Values to add to the epoch record.
+        """
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])

@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
-ALGORITHMS = ("vanilla", "guided", "random")
+# Training algorithms, in the order of the paper's Table 1 (SPEC Sec. 5 and 9). The first two train a uni-modal
+# network on m0 or m1; "rubi" is the RUBi baseline; the others train the two-branch network.
+ALGORITHMS = ("unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided")
+# Algorithms that take re-balancing steps, which need the running means of at least one regular epoch first.
+REBALANCING = ("random", "guided")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DATASETS = ("modelnet40", "embedded")
 # Views per object in each dataset's cache (the ModelNet40 renders and the embedded set have 12).
 DATASET_VIEWS = {"modelnet40": 12, "embedded": 12}
@@ -99,10 +104,11 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, balancing and bookkeeping of one training run (SPEC Sec. 4-6)."""
 
-    algorithm: str = "vanilla"  # "vanilla", "guided" or "random" (SPEC Sec. 5)
+    algorithm: str = "vanilla"  # one of ALGORITHMS: the Table-1 rows (SPEC Sec. 5 and 9)
     lr: float = 0.1  # SGD learning rate
     momentum: float = 0.0  # SGD momentum (the paper uses none on ModelNet40)
     weight_decay: float = 0.0  # SGD weight decay
+    l1: float = 0.0  # lambda of the L1 penalty lambda * sum |theta| over all parameters (paper Sec. 6.3)
     plateau_factor: float = 0.3  # lr multiplier when the training loss plateaus
     plateau_patience: int = 10  # epochs without improvement before the lr drops
     plateau_threshold: float = 1e-3  # relative improvement that counts as progress
@@ -110,11 +116,12 @@ class TrainConfig:
     max_epochs: int = 300  # hard epoch limit
     max_steps: Optional[int] = None  # optional budget of optimizer steps (None = no budget)
     full_acc_epochs: int = 5  # stop once training accuracy was 100% in this many epochs
-    warmup_epochs: int = 1  # epochs of regular steps before guided/random balancing starts
+    warmup_epochs: int = 1  # epochs of regular steps before guided/random balancing starts (at least 1 for them)
     epsilon: float = 0.01  # guided: imbalance tolerance on |d_speed|
     window: int = 5  # guided: re-balancing steps W taken once |d_speed| > epsilon
+    rubi_bias: str = "m0"  # rubi: the bias modality whose branch feeds the bias-only classifier ("m0" or "m1")
     seed: int = 0  # seeds weights, data order, augmentation and the random schedule
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16); CPU is fp32
+    precision: str = "auto"  # "auto": bf16 on CUDA GPUs of compute capability >= 8.0, fp16 (loss scaling) below, fp32 on CPU; or "fp32", "bf16", "fp16"
     channels_last: bool = True  # channels_last memory format on CUDA
     ckpt_every_steps: Optional[int] = None  # also write `last` every N steps (None = per epoch only)
     eval_test: bool = True  # evaluate the test set at the end of every epoch
@@ -148,6 +155,15 @@ class TrainConfig:
             raise ValueError(f"full_acc_epochs={self.full_acc_epochs} must be at least 1")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be 0 or more")
+        if self.algorithm in REBALANCING and self.warmup_epochs < 1:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs}: {self.algorithm} needs at least 1 warm-up epoch of "
+                             "regular steps (its re-balancing steps use the running means of regular steps)")
+        if not (self.l1 >= 0 and math.isfinite(self.l1)):
+            raise ValueError(f"l1={self.l1} must be a finite number >= 0 (the L1 penalty strength lambda)")
+        if self.rubi_bias not in ("m0", "m1"):
+            raise ValueError(f"rubi_bias={self.rubi_bias!r} is unknown; allowed: 'm0', 'm1'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
         if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
             raise ValueError(f"epsilon={self.epsilon} must be a finite number >= 0 (the imbalance tolerance)")
         if self.window < 1:
@@ -162,9 +178,16 @@ class TrainConfig:
     NOT_IDENTITY = ("run_name", "log_dir", "ckpt_dir", "progress", "ckpt_every_steps", "eval_test", "max_epochs",
                     "max_steps")
 
+    # Fields that only matter to some algorithms: they are left out of the others' identity, so that changing
+    # guided's epsilon, say, does not make the vanilla runs new runs.
+    ALGORITHM_ONLY = {"epsilon": ("guided",), "window": ("guided",), "warmup_epochs": REBALANCING,
+                      "rubi_bias": ("rubi",)}
+
     def identity(self) -> dict:
-        """The settings that define a training run: every field that changes its result (see NOT_IDENTITY)."""
-        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY}
+        """The settings that define a training run: every field that changes its result (see NOT_IDENTITY and
+        ALGORITHM_ONLY)."""
+        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY
+                and self.algorithm in self.ALGORITHM_ONLY.get(k, (self.algorithm,))}
 
     @classmethod
     def paper(cls, **overrides: Any) -> "TrainConfig":

@@ -10,8 +10,23 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-COLORS = {"vanilla": "tab:gray", "random": "tab:orange", "guided": "tab:blue"}
+COLORS = {"unimodal_m0": "tab:olive", "unimodal_m1": "tab:cyan", "vanilla": "tab:gray", "rubi": "tab:brown",
+          "random": "tab:orange", "guided": "tab:blue"}
 MODE_COLORS = {"rebalance_m0": "tab:green", "rebalance_m1": "tab:red"}
+
+
+def pick_examples(labels: np.ndarray, n: int) -> List[int]:
+    """Indices of the first object of each of the first `n` classes that have objects (absent classes skipped).
+
+    Args:
+        labels: (N,) class index of each object.
+        n: how many classes to show.
+    Returns:
+        Up to n indices, one per class, in class order.
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)[:n]
+    return [int(np.flatnonzero(labels == c)[0]) for c in present]
 
 
 def plot_views(images: np.ndarray, names: Sequence[str], labels: Sequence[str], views: Sequence[int] = (0, 6),
@@ -70,11 +85,12 @@ def plot_learning_curves(histories: Mapping[str, Sequence[dict]]) -> Figure:
             ax_loss.plot(epochs, [h["val_loss"] for h in hist], color=color, ls="--", label=f"{label} val")
         split = "val" if hist and "val_acc" in hist[0] else "train"
         ax_acc.plot(epochs, [h[f"{split}_acc"] for h in hist], color=color, label=label)
-        ax_branch.plot(epochs, [h[f"{split}_acc0"] for h in hist], color=color, label=f"{label} y0 (m0)")
-        ax_branch.plot(epochs, [h[f"{split}_acc1"] for h in hist], color=color, ls=":", label=f"{label} y1 (m1)")
+        if hist and f"{split}_acc0" in hist[0]:  # a uni-modal network has no branch accuracies
+            ax_branch.plot(epochs, [h[f"{split}_acc0"] for h in hist], color=color, label=f"{label} y0 (m0)")
+            ax_branch.plot(epochs, [h[f"{split}_acc1"] for h in hist], color=color, ls=":", label=f"{label} y1 (m1)")
     ax_loss.set(title="loss CE(y0) + CE(y1)", xlabel="epoch", yscale="log")  # early val losses dwarf the rest
     split = "val" if any(hist and "val_acc" in hist[0] for hist in histories.values()) else "train"
-    ax_acc.set(title=f"{split} accuracy of (y0 + y1) / 2", xlabel="epoch", ylim=(0, 1.02))
+    ax_acc.set(title=f"{split} accuracy (two branches: of (y0 + y1) / 2)", xlabel="epoch", ylim=(0, 1.02))
     ax_branch.set(title=f"{split} accuracy of each branch", xlabel="epoch", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc, ax_branch):
         ax.grid(alpha=0.3)

@@ -1,17 +1,31 @@
-"""The summary table, the paper's numbers and the figures (paper Sec. 5; SPEC Sec. 8)."""
+"""Runs named by their settings, the CUR of the best checkpoint, failures recorded, the Table-1 summary and the
+figures (paper Sec. 6.4; SPEC Sec. 6-9)."""
+import dataclasses
+import json
+import math
 
 import numpy as np
+import pytest
+import torch
 from matplotlib.patches import Rectangle
 from torch.testing import assert_close
 
-from greedymm.experiment import PAPER_MODELNET40, format_table, run_name, summarize
-from greedymm.config import DataConfig
-from greedymm.plots import _mode_spans, plot_d_speed, plot_d_util, plot_learning_curves, plot_views
+import greedymm.train as train_module
+from greedymm.config import DataConfig, TrainConfig
+from greedymm.data import build_loaders
+from greedymm.experiment import (PAPER_MODELNET40, PAPER_TABLE1, best_unimodal, format_table, paper_column,
+                                 read_epochs, read_steps, run_name, run_one, summarize, train_run,
+                                 utilization_of_run)
+from greedymm.mmtm import FusionMode
+from greedymm.model import mmtm_convnet
+from greedymm.plots import _mode_spans, pick_examples, plot_d_speed, plot_d_util, plot_learning_curves, plot_views
+from greedymm.train import load_checkpoint
+from greedymm.utilization import compute_squeeze_means
 
 
-def fake_run(alg, seed, acc, d_util):
+def fake_run(alg, seed, acc, d_util, status="ok"):
     return {"algorithm": alg, "seed": seed, "acc": acc, "acc0": acc - 0.1, "acc1": acc - 0.2, "u_m1_m0": 0.1,
-            "u_m0_m1": 0.1 - d_util, "d_util": d_util, "d_speed": -0.05 * seed}
+            "u_m0_m1": 0.1 - d_util, "d_util": d_util, "d_speed": -0.05 * seed, "status": status}
 
 
 def test_summarize_mean_and_std_over_seeds():
@@ -24,6 +38,38 @@ def test_summarize_mean_and_std_over_seeds():
     assert table["guided"]["acc"] == (0.95, 0.0, 1)
 
 
+def test_summarize_counts_only_valid_seeds_and_names_failures():
+    runs = [fake_run("vanilla", 0, 0.9, -0.3), fake_run("vanilla", 1, 0.8, math.nan),
+            {"algorithm": "vanilla", "seed": 2, "status": "failed", "error": "NonFiniteLossError: nan"}]
+    row = summarize(runs)["vanilla"]
+    assert row["runs"] == 3 and row["failed"] == [2]
+    assert row["d_util"] == (-0.3, 0.0, 1)  # one valid seed, not "3 seeds, std 0"
+    assert_close(row["acc"][:2], (0.85, 0.05)) and row["acc"][2] == 2
+    text = format_table({"vanilla": row})
+    assert "| vanilla | 2 of 3 (failed: s2) |" in text
+    only_failed = summarize([{"algorithm": "guided", "seed": 0, "status": "failed", "error": "x"}])["guided"]
+    assert only_failed["acc"] == (0.0, 0.0, 0) or only_failed["acc"][2] == 0
+    assert "n/a" in format_table({"guided": only_failed})
+
+
+def test_table_rows_in_the_papers_order_with_the_best_unimodal_marked():
+    runs = [fake_run(a, 0, acc, 0.0) for a, acc in
+            [("guided", 0.91), ("vanilla", 0.90), ("unimodal_m1", 0.88), ("rubi", 0.9), ("unimodal_m0", 0.89),
+             ("random", 0.91)]]
+    for r in runs:
+        if r["algorithm"].startswith("unimodal"):
+            r.update(acc0=math.nan, acc1=math.nan, d_util=math.nan, u_m1_m0=math.nan, u_m0_m1=math.nan,
+                     d_speed=math.nan)
+    table = summarize(runs)
+    assert list(table) == ["unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided"]
+    assert best_unimodal(table) == "unimodal_m0"
+    lines = format_table(table, PAPER_MODELNET40).splitlines()
+    assert lines[2].startswith("| unimodal_m0 (best) | 1 | 89.00 ± 0.00 | n/a | n/a |")
+    assert "89.34 ± 0.39" in lines[2] and "89.34" not in lines[3]
+    assert "90.45 ± 0.58" in lines[5] and "≈ -0.1" in lines[4]
+    assert paper_column("colored_digits") is PAPER_TABLE1["colored_mnist"] and paper_column("embedded") is None
+
+
 def test_format_table_with_the_papers_numbers():
     text = format_table(summarize([fake_run("vanilla", 0, 0.9009, -0.1)]), PAPER_MODELNET40)
     header, rule, row = text.splitlines()
@@ -32,14 +78,119 @@ def test_format_table_with_the_papers_numbers():
     assert PAPER_MODELNET40["guided"]["acc"] == (91.37, 0.28)
 
 
-def test_run_name_says_dataset_size_views_algorithm_seed():
-    assert run_name(DataConfig.paper(), "guided", 2) == "modelnet40_224px_v0-6_guided_s2"
+def test_run_names_carry_every_setting_that_changes_a_run():
+    data, cfg = DataConfig.paper(), TrainConfig.paper()
+    name = run_name(data, cfg, "guided", 2)
+    assert name.startswith("modelnet40_guided_s2_") and len(name.split("_")[-1]) == 8
+    assert run_name(data, cfg, "guided", 2) == name  # deterministic
+    changed = [run_name(data, dataclasses.replace(cfg, lr=0.05), "guided", 2),
+               run_name(dataclasses.replace(data, batch_size=16), cfg, "guided", 2),
+               run_name(dataclasses.replace(data, val_fraction=0.1), cfg, "guided", 2),
+               run_name(DataConfig.quick(embedded_per_class=60), cfg, "guided", 2),
+               run_name(data, dataclasses.replace(cfg, epsilon=0.1), "guided", 2),
+               run_name(data, cfg, "guided", 2, model="my_model")]
+    assert len(set(changed + [name])) == len(changed) + 1
+    # settings that do not change a run keep its name: folders, workers, budgets, another algorithm's settings
+    same = [run_name(dataclasses.replace(data, num_workers=4, data_dir="x"), cfg, "guided", 2),
+            run_name(data, dataclasses.replace(cfg, max_epochs=10, log_dir="y"), "guided", 2)]
+    assert set(same) == {name}
+    assert run_name(data, dataclasses.replace(cfg, epsilon=0.1), "vanilla", 2) == run_name(data, cfg, "vanilla", 2)
 
 
+# --------------------------------------------------------------------------- end to end on the embedded data
+def small_model(num_classes):
+    return mmtm_convnet(num_classes, widths=(4, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    return DataConfig.smoke(data_dir=str(tmp_path_factory.mktemp("data")), batch_size=16)
+
+
+def test_train_run_and_cur_come_from_the_best_checkpoint_on_the_test_set(tmp_path, smoke_data, monkeypatch):
+    """Validation peaks at epoch 2 of 3: d_speed and the CUR must come from that epoch's best.pt, on the test set."""
+    real = train_module.evaluate
+    scripted = iter([0.3, 0.9, 0.5])
+
+    def fake_evaluate(model, loader, *args, **kwargs):
+        res = real(model, loader, *args, **kwargs)
+        return {**res, "acc": next(scripted)} if loader is current["val"] else res
+
+    current = {}
+    real_build = train_module.Trainer.__init__
+
+    def spy_init(self, model, train_loader, cfg, val_loader=None, *args, **kwargs):
+        current["val"] = val_loader
+        real_build(self, model, train_loader, cfg, val_loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train_module.Trainer, "__init__", spy_init)
+    cfg = TrainConfig.smoke(max_epochs=3, log_dir=str(tmp_path / "logging"), ckpt_dir=str(tmp_path / "ckpt"),
+                            eval_test=True)
+    run = train_run(smoke_data, cfg, "vanilla", 0, device="cpu", model_fn=small_model, model_name="small",
+                    progress=False)
+    monkeypatch.setattr(train_module, "evaluate", real)
+    epochs = read_epochs(run["log_dir"])
+    assert run["best_epoch"] == 2 and run["d_speed"] == epochs[1]["d_speed"] != epochs[2]["d_speed"]
+    out = utilization_of_run(run, smoke_data, device="cpu", model_fn=small_model, progress=False)
+
+    # by hand: best.pt's weights, squeeze means over D_train, then the test set in fused and cut mode
+    loaders = build_loaders(smoke_data, "cpu", 0, progress=False)
+    model = small_model(len(loaders.classes))
+    best = load_checkpoint(run["best_path"])
+    assert best["epoch"] == 2
+    model.load_state_dict(best["model"])
+    compute_squeeze_means(model, loaders.train_eval)
+    model.eval()
+
+    def accuracies(loader):
+        x0 = torch.cat([b[0] for b in loader])
+        x1 = torch.cat([b[1] for b in loader])
+        y = torch.cat([b[2] for b in loader])
+        with torch.no_grad():
+            f0, f1 = model(x0, x1, FusionMode.FUSED)
+            c0, c1 = model(x0, x1, FusionMode.CUT)
+        acc = lambda out: (out.argmax(1) == y).double().mean().item()
+        return acc((f0 + f1) / 2), acc(f0), acc(f1), acc(c0), acc(c1)
+
+    test = accuracies(loaders.test)
+    assert_close((out["acc"], out["acc0"], out["acc1"], out["acc0_cut"], out["acc1_cut"]), test)
+    u10, u01 = (test[1] - test[3]) / test[1], (test[2] - test[4]) / test[2]
+    assert_close((out["u_m1_m0"], out["u_m0_m1"], out["d_util"]), (u10, u01, u10 - u01))
+    assert accuracies(loaders.val) != test  # the check can tell the test set from the validation set
+    last = load_checkpoint(tmp_path / "ckpt" / run["run_name"] / "last.pt")
+    assert any(not torch.equal(v, best["model"][k]) for k, v in last["model"].items())  # last.pt would differ
+    assert json.loads((tmp_path / "logging" / run["run_name"] / "cur.json").read_text())["d_util"] == out["d_util"]
+
+
+def test_run_one_records_a_failure_and_the_next_run_goes_on(tmp_path, smoke_data, monkeypatch):
+    cfg = TrainConfig.smoke(max_epochs=1, log_dir=str(tmp_path / "logging"), ckpt_dir=str(tmp_path / "ckpt"))
+
+    def exploding(num_classes):
+        raise RuntimeError("boom")
+
+    failed = run_one(smoke_data, cfg, "vanilla", 0, device="cpu", model_fn=exploding, model_name="x",
+                     progress=False)
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: boom" and "boom" in failed["traceback"]
+    ok = run_one(smoke_data, cfg, "vanilla", 1, device="cpu", model_fn=small_model, model_name="small",
+                 progress=False)
+    assert ok["status"] == "ok" and 0 <= ok["acc"] <= 1 and len(ok["history"]) == 1
+    row = summarize([failed, ok])["vanilla"]
+    assert row["failed"] == [0] and row["acc"][2] == 1
+
+
+# ------------------------------------------------------------------------------------------------- figures
 def test_mode_spans():
     modes = ["fused", "rebalance_m0", "rebalance_m0", "fused", "rebalance_m1", "rebalance_m0"]
     assert _mode_spans(modes) == [("rebalance_m0", 2, 3), ("rebalance_m1", 5, 5), ("rebalance_m0", 6, 6)]
     assert _mode_spans(["fused"] * 3) == []
+
+
+def test_pick_examples_uses_the_classes_present():
+    labels = np.array([0, 0, 2, 2, 3, 5, 5])  # classes 1 and 4 have no objects (their folders were missing)
+    assert pick_examples(labels, 4) == [0, 2, 4, 5]
+    assert pick_examples(labels, 10) == [0, 2, 4, 5]
+    assert pick_examples(np.array([3, 3]), 4) == [0]
 
 
 def test_plots_draw_what_they_are_given():
@@ -53,9 +204,12 @@ def test_plots_draw_what_they_are_given():
 
     hist = [{"epoch": e, "train_loss": 1 / e, "val_loss": 2 / e, "val_acc": 0.1 * e, "val_acc0": 0.05 * e,
              "val_acc1": 0.02 * e} for e in (1, 2, 3)]
-    fig = plot_learning_curves({"vanilla": hist})
+    uni = [{"epoch": e, "train_loss": 1 / e, "val_loss": 2 / e, "val_acc": 0.2 * e} for e in (1, 2, 3)]
+    fig = plot_learning_curves({"vanilla": hist, "unimodal_m0": uni})
     assert len(fig.axes) == 3 and fig.axes[0].get_yscale() == "log"
     np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(fig.axes[1].lines[1].get_ydata(), [0.2, 0.4, 0.6])
+    assert len(fig.axes[2].lines) == 2  # branch accuracies exist for the two-branch run only
 
     fig = plot_d_util({"vanilla": [-0.4, -0.2], "guided": [0.0]}, {"vanilla": -0.1})
     heights = [p.get_height() for p in fig.axes[0].patches]
@@ -64,3 +218,8 @@ def test_plots_draw_what_they_are_given():
     images = np.zeros((2, 12, 1, 8, 8), np.uint8)
     fig = plot_views(images, ["a_0001", "b_0001"], ["a", "b"], views=(0, 6))
     assert len(fig.axes) == 24 and fig.axes[0].get_title() == "view 0 (m0)" and fig.axes[6].get_title() == "view 6 (m1)"
+
+
+def test_read_steps_skips_gap_records(tmp_path):
+    (tmp_path / "steps.jsonl").write_text('{"gap": [1, 4]}\n{"step": 5, "d_speed": 0.1}\n')
+    assert read_steps(tmp_path) == [{"step": 5, "d_speed": 0.1}]

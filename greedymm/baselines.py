@@ -1,0 +1,111 @@
+"""The baselines of the paper's Table 1 (paper Sec. 6.4; SPEC Sec. 9): the uni-modal network with squeeze-and-
+excitation blocks, trained on m0 or on m1, and RUBi (Cadene et al. 2019) in our documented two-modality adaptation.
+Both plug into the same trainer as the paper's algorithms (`greedymm.balance.Algorithm`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .balance import Algorithm, Outputs
+from .mmtm import FusionMode
+from .model import final_linear
+
+
+class UniModal(Algorithm):
+    """Trains a uni-modal network (`greedymm.model.UniModalNet`) on its own modality with CE on its output.
+
+    No CLS and no CUR apply (one modality); every step is a regular step.
+
+    Args:
+        modality: 0 (m0) or 1 (m1): the input the network reads.
+    """
+
+    multimodal = False
+
+    def __init__(self, modality: int) -> None:
+        super().__init__()
+        if modality not in (0, 1):
+            raise ValueError(f"modality={modality} must be 0 (m0) or 1 (m1)")
+        self.modality = modality
+        self.name = f"unimodal_m{modality}"
+
+    def setup(self, model: nn.Module) -> None:
+        if getattr(model, "modality", None) != self.modality or hasattr(model, "cls_groups"):
+            raise TypeError(f"algorithm {self.name!r} trains a UniModalNet of modality {self.modality} "
+                            f"(UniModalNet.from_two_branch(model, {self.modality})); got {type(model).__name__}"
+                            f" with modality {getattr(model, 'modality', None)}")
+        return None
+
+    def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, mode: FusionMode) -> Outputs:
+        return {"y": model(x1 if self.modality == 1 else x0)}  # (B, K)
+
+    def loss(self, out: Outputs, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return F.cross_entropy(out["y"].float(), y), {}
+
+
+class RUBiHeads(nn.Module):
+    """RUBi's bias-only path: c1, a 2-layer MLP from the bias branch's pooled features to class logits (whose
+    sigmoid is the mask), and c2, a linear layer on c1's output trained with its own CE loss.
+
+    Args:
+        features: F, the size of the pooled features entering the bias branch's final linear layer.
+        num_classes: K.
+        hidden: width of c1's hidden layer (F when None).
+    """
+
+    def __init__(self, features: int, num_classes: int, hidden: int = 0) -> None:
+        super().__init__()
+        hidden = hidden or features
+        self.c1 = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+        self.c2 = nn.Linear(num_classes, num_classes)
+
+    def forward(self, e_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, F) detached features -> (c1 logits (B, K), c2 logits (B, K))."""
+        c1 = self.c1(e_b)
+        return c1, self.c2(c1)
+
+
+class RUBi(Algorithm):
+    """RUBi adapted to two modalities (SPEC Sec. 9; the paper gives no details, this adaptation is ours).
+
+    A bias modality b (m0 by default) feeds its branch's pooled final features e_b, detached so that no gradient
+    from the bias path reaches the branch, to the bias-only classifier c1; mask = sigmoid(c1(e_b)) multiplies both
+    branches' logits in the loss:
+        CE(y0_hat * mask, y) + CE(y1_hat * mask, y) + CE(c2(c1(e_b)), y).
+    Evaluation, the CLS and the CUR use y0_hat, y1_hat without the mask; c1, c2 belong to no CLS group. Regular
+    (fused) steps only. The logged loss0/loss1 are the masked terms the optimizer sees; loss_bias is the third.
+
+    Args:
+        bias: the bias modality, 0 (m0) or 1 (m1).
+    """
+
+    name = "rubi"
+
+    def __init__(self, bias: int = 0) -> None:
+        super().__init__()
+        if bias not in (0, 1):
+            raise ValueError(f"bias={bias} must be 0 (m0) or 1 (m1)")
+        self.bias = bias
+        self.heads: nn.Module = nn.Identity()
+
+    def setup(self, model: nn.Module) -> nn.Module:
+        super().setup(model)
+        head = final_linear(model.branch1 if self.bias == 1 else model.branch0)
+        self.heads = RUBiHeads(head.in_features, head.out_features)
+        return self.heads
+
+    def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, mode: FusionMode) -> Outputs:
+        y0_hat, y1_hat, features = model(x0, x1, mode, return_features=True)
+        c1, c2 = self.heads(features[self.bias].detach())  # stop-gradient: the bias path never trains the branch
+        return {"y0": y0_hat, "y1": y1_hat, "c1": c1, "c2": c2}
+
+    def loss(self, out: Outputs, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        mask = torch.sigmoid(out["c1"].float())  # (B, K)
+        loss0 = F.cross_entropy(out["y0"].float() * mask, y)
+        loss1 = F.cross_entropy(out["y1"].float() * mask, y)
+        loss_bias = F.cross_entropy(out["c2"].float(), y)
+        return loss0 + loss1 + loss_bias, {"loss0": loss0, "loss1": loss1, "loss_bias": loss_bias}
