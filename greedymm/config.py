@@ -201,6 +201,22 @@ class TrainConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
+    def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
+        """The protocol of a dataset: the paper's for ModelNet40 (SPEC Sec. 6) and the colored digits (SPEC Sec. 10:
+        SGD momentum 0.9, lr 0.01, epsilon 0.1, W 5), `quick()`'s for the embedded dataset.
+
+        Args:
+            dataset: a DataConfig.dataset value.
+            overrides: fields to change.
+        """
+        digits = dict(lr=0.01, momentum=0.9, epsilon=0.1, window=5)
+        presets = {"modelnet40": {}, "colored_mnist": digits, "colored_digits": digits,
+                   "embedded": dict(lr=0.05, momentum=0.9, max_epochs=8, plateau_patience=2)}
+        if dataset not in presets:
+            raise ValueError(f"dataset={dataset!r} is unknown; allowed: {', '.join(presets)}")
+        return cls(**{**presets[dataset], **overrides})
+
+    @classmethod
     def smoke(cls, **overrides: Any) -> "TrainConfig":
         """Seconds-long run for tests."""
         base = dict(lr=0.05, max_epochs=2, progress=False, eval_test=False)

@@ -204,6 +204,67 @@ def utilization_of_run(run: dict, data_cfg: DataConfig, device: Optional[Union[s
     return out
 
 
+def _guarded(fn: Callable[[], dict], algorithm: str, seed: int, name: Optional[str]) -> dict:
+    """fn()'s record with status "ok", or a "failed" record naming the error: one failure never stops the others."""
+    try:
+        return {**fn(), "status": "ok"}
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # recorded: the other runs go on
+        log.exception("run %s (%s, seed %d) failed", name, algorithm, seed)
+        return {"algorithm": algorithm, "seed": seed, "run_name": name, "status": "failed",
+                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+
+
+def train_runs(data_cfg: DataConfig, train_cfg: TrainConfig, algorithms: Sequence[str], seeds: Sequence[int],
+               device: Optional[Union[str, torch.device]] = None, resume: bool = True,
+               model_fn: Optional[ModelFn] = None, model_name: str = "", progress: bool = True,
+               callback: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """`train_run` for every algorithm and seed; a run that fails is recorded (status "failed", its error) and the
+    others go on.
+
+    Args:
+        data_cfg, train_cfg, device, resume, model_fn, model_name, progress: as in `train_run`.
+        algorithms: the rows to train, e.g. ALGORITHMS.
+        seeds: one run per algorithm and seed.
+        callback: called with each run's record as soon as it is done (e.g. to print a line).
+    Returns:
+        The records, algorithms in the given order, seeds within.
+    """
+    runs = []
+    for algorithm in algorithms:
+        for seed in seeds:
+            name = None
+            try:
+                name = run_name(data_cfg, train_cfg, algorithm, seed, model_name)
+            except Exception:  # reported by the guarded call below
+                pass
+            run = _guarded(lambda: train_run(data_cfg, train_cfg, algorithm, seed, device, resume, model_fn,
+                                             model_name, progress=progress), algorithm, seed, name)
+            runs.append(run)
+            if callback:
+                callback(run)
+    return runs
+
+
+def utilization_of_runs(runs: Sequence[dict], data_cfg: DataConfig,
+                        device: Optional[Union[str, torch.device]] = None,
+                        model_fn: Optional[ModelFn] = None) -> List[dict]:
+    """`utilization_of_run` for every run that trained; failed runs pass through, and a failure here is recorded.
+
+    Returns:
+        One record per run (histories dropped), status "ok" or "failed".
+    """
+    out = []
+    for run in runs:
+        if run.get("status", "ok") != "ok":
+            out.append(run)
+        else:
+            out.append(_guarded(lambda: utilization_of_run(run, data_cfg, device, model_fn, progress=False),
+                                run["algorithm"], run["seed"], run.get("run_name")))
+    return out
+
+
 def run_one(data_cfg: DataConfig, train_cfg: TrainConfig, algorithm: str, seed: int,
             device: Optional[Union[str, torch.device]] = None, resume: bool = True,
             model_fn: Optional[ModelFn] = None, model_name: str = "", progress: bool = True) -> dict:
@@ -212,24 +273,12 @@ def run_one(data_cfg: DataConfig, train_cfg: TrainConfig, algorithm: str, seed: 
     Args:
         data_cfg, train_cfg, algorithm, seed, device, resume, model_fn, model_name, progress: as in `train_run`.
     Returns:
-        The `utilization_of_run` record with status "ok" and its history under "history", or
+        The `utilization_of_run` record with status "ok" and the run's history under "history", or
         {"algorithm", "seed", "run_name", "status": "failed", "error": "<type>: <message>", "traceback"}.
     """
-    try:
-        run = train_run(data_cfg, train_cfg, algorithm, seed, device, resume, model_fn, model_name,
-                        progress=progress)
-        out = utilization_of_run(run, data_cfg, device, model_fn, progress=False)
-        return {**out, "history": run["history"], "status": "ok"}
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # recorded: the other runs go on
-        log.exception("run %s seed %d failed", algorithm, seed)
-        try:
-            name = run_name(data_cfg, train_cfg, algorithm, seed, model_name)
-        except Exception:  # the settings themselves were bad
-            name = None
-        return {"algorithm": algorithm, "seed": seed, "run_name": name, "status": "failed",
-                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+    run = train_runs(data_cfg, train_cfg, [algorithm], [seed], device, resume, model_fn, model_name, progress)[0]
+    out = utilization_of_runs([run], data_cfg, device, model_fn)[0]
+    return {**out, "history": run["history"]} if out["status"] == "ok" else out
 
 
 def table_order(algorithms: Sequence[str]) -> List[str]:

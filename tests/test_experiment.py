@@ -10,6 +10,7 @@ import torch
 from matplotlib.patches import Rectangle
 from torch.testing import assert_close
 
+import greedymm.experiment as experiment
 import greedymm.train as train_module
 from greedymm.config import DataConfig, TrainConfig
 from greedymm.data import build_loaders
@@ -132,7 +133,11 @@ def test_train_run_and_cur_come_from_the_best_checkpoint_on_the_test_set(tmp_pat
     monkeypatch.setattr(train_module, "evaluate", real)
     epochs = read_epochs(run["log_dir"])
     assert run["best_epoch"] == 2 and run["d_speed"] == epochs[1]["d_speed"] != epochs[2]["d_speed"]
+    loaded = []
+    monkeypatch.setattr(experiment, "load_checkpoint", lambda path, **kw: loaded.append(str(path)) or
+                        load_checkpoint(path, **kw))
     out = utilization_of_run(run, smoke_data, device="cpu", model_fn=small_model, progress=False)
+    assert [p.split("/")[-1] for p in loaded] == ["best.pt"]
 
     # by hand: best.pt's weights, squeeze means over D_train, then the test set in fused and cut mode
     loaders = build_loaders(smoke_data, "cpu", 0, progress=False)
