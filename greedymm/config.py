@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
-# Training algorithms, in the order of the paper's Table 1 (SPEC Sec. 5 and 9). The first two train a uni-modal
-# network on m0 or m1; "rubi" is the RUBi baseline; the others train the two-branch network.
-ALGORITHMS = ("unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided")
+# The rows of the paper's Table 1, in its order (SPEC Sec. 5 and 9). The first two train a uni-modal network on m0
+# or m1; "rubi" is the RUBi baseline; the others train the two-branch network.
+PAPER_ROWS = ("unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided")
+# Every training algorithm: the paper's rows, then the balancers from the related work (not in the paper).
+ALGORITHMS = PAPER_ROWS
 # Algorithms that take re-balancing steps, which need the running means of at least one regular epoch first.
 REBALANCING = ("random", "guided")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

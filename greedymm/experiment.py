@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ALGORITHMS, DataConfig, TrainConfig, save_json, to_dict
+from .config import ALGORITHMS, PAPER_ROWS, DataConfig, TrainConfig, save_json, to_dict
 from .data import build_loaders
 from .model import TwoBranchNet, mmtm_resnet18
 from .train import (Callback, amp_dtype, default_device, evaluate, is_two_branch, load_checkpoint, model_signature,
@@ -353,7 +353,7 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
         if paper:
             ref = paper.get("unimodal" if alg == best else alg, {}) if alg not in UNIMODAL or alg == best else {}
             acc = f"{ref['acc'][0]:.2f} ± {ref['acc'][1]:.2f}" if "acc" in ref else ""
-            if alg not in ALGORITHMS:
+            if alg not in PAPER_ROWS:
                 acc = "(not in the paper)"
             cells += [acc, f"≈ {ref['d_util']:+.1f}" if "d_util" in ref else ""]
         lines.append("| " + " | ".join(cells) + " |")
