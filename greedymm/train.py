@@ -112,10 +112,14 @@ def _corrects(y0_hat: torch.Tensor, y1_hat: torch.Tensor, y: torch.Tensor) -> Li
 
 def _to_device(x0: torch.Tensor, x1: torch.Tensor, y: torch.Tensor, device: torch.device,
                model: torch.nn.Module) -> Batch:
-    fmt = torch.channels_last if getattr(model, "_channels_last", False) else torch.contiguous_format
-    x0 = x0.to(device, non_blocking=True).contiguous(memory_format=fmt)
-    x1 = x1.to(device, non_blocking=True).contiguous(memory_format=fmt)
-    return x0, x1, y.to(device, non_blocking=True)
+    channels_last = getattr(model, "_channels_last", False)
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        # channels_last exists for 4-D tensors only: vectors and sequences keep their layout
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+    return move(x0), move(x1), y.to(device, non_blocking=True)
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
