@@ -146,6 +146,8 @@ def test_channels_are_inferred_per_branch_from_conv_norm_and_linear_layers():
     # Conv1d-BatchNorm1d stages fused with Conv2d-BatchNorm2d stages
     assert shapes(CUSTOM["seq_image"][0]()) == {"stage1": (6, 4, 5), "stage2": (10, 8, 9)}
     assert _stage_channels(nn.Sequential(nn.Linear(4, 7), nn.ReLU())) == 7  # a stage ending in Linear
+    assert _stage_channels(nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 5))) == 5  # the last one counts
+    assert _stage_channels(nn.Sequential(nn.Conv2d(3, 6, 1), nn.Conv2d(6, 9, 1), nn.BatchNorm2d(9))) == 9
     assert _stage_channels(nn.Sequential(nn.Conv3d(1, 5, 3), nn.ReLU())) == 5
     assert _stage_channels(nn.Sequential(nn.Conv1d(2, 9, 1), nn.GroupNorm(3, 9))) == 9
     assert _stage_channels(nn.Sequential(nn.ReLU(), nn.Flatten())) is None
