@@ -73,16 +73,21 @@ def test_squeeze_means_are_the_dataset_mean_of_pooled_features(warm_model, toy_l
     assert_close(mmtm.squeeze_mean_b, s_b)
 
 
-@pytest.mark.parametrize("builder, size, n_mmtm", [
-    (lambda: mmtm_resnet18(num_classes=40), 64, 3),
-    (lambda: mmtm_resnet18(num_classes=10, in_channels=1), 32, 3),
-    (lambda: mmtm_convnet(5, widths=(4, 8)), 16, 2),
+image = lambda c, size: lambda: (torch.randn(2, c, size, size), torch.randn(2, c, size, size))
+
+
+@pytest.mark.parametrize("builder, inputs, n_mmtm", [
+    (lambda: mmtm_resnet18(num_classes=40), image(3, 64), 3),
+    (lambda: mmtm_resnet18(num_classes=10, in_channels=1), image(1, 32), 3),
+    (lambda: mmtm_convnet(5, widths=(4, 8)), image(3, 16), 2),
+    (lambda: mmtm_digits(10), lambda: (torch.randn(2, 3, 28, 28), torch.randn(2, 1, 28, 28)), 3),
+    (CUSTOM["mlp"][0], lambda: CUSTOM["mlp"][1](2, 0)[:2], 2),
+    (CUSTOM["seq_image"][0], lambda: CUSTOM["seq_image"][1](2, 0)[:2], 2),
 ])
-def test_models_forward_shapes_and_cls_groups(builder, size, n_mmtm):
+def test_models_forward_shapes_and_cls_groups(builder, inputs, n_mmtm):
     torch.manual_seed(0)
     model = builder()
-    c_in = model.branch0[0][0].in_channels
-    y0, y1 = model(torch.randn(2, c_in, size, size), torch.randn(2, c_in, size, size))
+    y0, y1 = model(*inputs())
     k = y0.shape[1]
     assert y0.shape == y1.shape == (2, k)
     assert len(model.mmtms) == n_mmtm
