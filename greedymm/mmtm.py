@@ -103,7 +103,7 @@ class MMTM(nn.Module):
         """Rescale A and B channel-wise.
 
         Args:
-            a: branch-0 features (B, C_A, *spatial) with 0 to 3 spatial dims.
+            a: branch-0 features (B, C_A, *spatial): a vector, sequence, image or volume per sample.
             b: branch-1 features (B, C_B, *spatial'), any rank of its own.
             mode: a FusionMode or its string value.
         Returns:
@@ -195,7 +195,7 @@ def _squeeze(x: torch.Tensor, channels: int, name: str = "x") -> torch.Tensor:
     """
     if x.dim() < 2 or x.shape[1] != channels:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (batch, {channels}, *spatial): "
-                         f"{channels} channels in dim 1, then 0 to 3 spatial dims")
+                         f"{channels} channels in dim 1, then any spatial dims (none for vectors)")
     return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
 
 

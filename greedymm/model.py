@@ -137,8 +137,8 @@ def final_linear(branch: nn.Module) -> nn.Linear:
 
 def _fusion_pair(entry: Union[int, Sequence[int]], stage: str) -> Tuple[int, int]:
     """A fusion_channels entry, C or (C_A, C_B), as (C_A, C_B)."""
-    if isinstance(entry, int):
-        return entry, entry
+    if not isinstance(entry, Sequence):
+        return int(entry), int(entry)
     pair = tuple(int(c) for c in entry)
     if len(pair) != 2:
         raise ValueError(f"fusion_channels entry {entry!r} of stage {stage!r} must be C or a pair (C_A, C_B)")
