@@ -234,8 +234,10 @@ def test_write_cache_round_trip(tmp_path):
 def test_write_cache_rejects_bad_input(tmp_path):
     images = np.zeros((2, 12, 1, 4, 4), np.uint8)
     good = (images, np.array([0, 1]), ["a", "b"])
-    with pytest.raises(ValueError, match="exactly"):
+    with pytest.raises(ValueError, match="train and test are required, val is optional"):
         write_cache(tmp_path, {"train": good}, ["x", "y"], {})
+    with pytest.raises(ValueError, match="train and test are required, val is optional"):
+        write_cache(tmp_path, {"train": good, "test": good, "valid": good}, ["x", "y"], {})
     with pytest.raises(ValueError, match="uint8"):
         write_cache(tmp_path, {"train": good, "test": (images.astype(np.float32),) + good[1:]}, ["x", "y"], {})
     with pytest.raises(ValueError, match="labels must be in 0..1"):
@@ -245,5 +247,5 @@ def test_write_cache_rejects_bad_input(tmp_path):
     assert read_manifest(tmp_path) is None
     with pytest.raises(FileNotFoundError, match="not a complete cache"):
         open_split(tmp_path, "train")
-    with pytest.raises(ValueError, match="allowed: train, test"):
-        open_split(tmp_path, "val")
+    with pytest.raises(ValueError, match="allowed: train, val, test"):
+        open_split(tmp_path, "valid")

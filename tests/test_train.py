@@ -229,7 +229,6 @@ def test_bad_train_settings(kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dataset="cifar"), "dataset='cifar' is unknown; allowed: modelnet40, embedded"),
     (dict(views=(0, 12)), "each view index must be in 0..11"),
-    (dict(views=(3, 3)), "two different views"),
     (dict(views=(1, 2, 3)), "exactly two view indices"),
     (dict(batch_size=0), "batch_size=0 must be at least 1"),
     (dict(val_fraction=1.0), "val_fraction=1.0 must be strictly between 0 and 1"),
