@@ -59,13 +59,13 @@ def cache_dir_for(cfg: DataConfig) -> Path:
     return Path(cfg.data_dir) / f"{prefix}_{cfg.image_size}px"
 
 
-def _stamp(cache_dir: Path) -> Optional[Tuple[int, int]]:
-    """Identity of a cache's manifest (inode, mtime): a build replaces it."""
+def _stamp(cache_dir: Path) -> Optional[Tuple[int, int, int]]:
+    """Identity of a cache's manifest (inode, size, mtime): a build replaces it."""
     try:
         st = os.stat(Path(cache_dir) / "manifest.json")
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
@@ -254,15 +254,23 @@ def finish_batch(x: torch.Tensor, flips: Optional[torch.Tensor], output: str, ch
     if channels[0] == channels[1]:  # both views in one pass
         k = channels[0]
         out = torch.empty((two, b, k, h, w), dtype=torch.float32, device=x.device)
-        torch.mul(x[:, :, :k] if k < c else x, scale, out=out)  # uint8 -> float and C = 1 -> 3 in one pass
+        torch.mul(_with_channels(x, k), scale, out=out)  # uint8 -> float and C = 1 -> 3 in one pass
         out.add_(shift)
         return out[0], out[1]
     outs = []
     for v, k in enumerate(channels):
-        out = torch.empty((b, k, h, w), dtype=torch.float32, device=x.device)
-        torch.mul(x[v, :, :k] if k < c else x[v], scale[0], out=out)
-        outs.append(out.add_(shift[0]))
+        out = torch.empty((1, b, k, h, w), dtype=torch.float32, device=x.device)
+        torch.mul(_with_channels(x[v:v + 1], k), scale, out=out)
+        outs.append(out.add_(shift)[0])
     return outs[0], outs[1]
+
+
+def _with_channels(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (2 or 1, B, C, H, W) seen with k channels: the first k of C, or C = 1 repeated (a view, no copy)."""
+    c = x.shape[2]
+    if k < c:
+        return x[:, :, :k]
+    return x.expand(-1, -1, k, -1, -1) if k > c else x
 
 
 _AFFINE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
