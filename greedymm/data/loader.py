@@ -82,7 +82,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
     Returns:
         The cache folder (see `cache_dir_for`).
     """
-    from filelock import FileLock  # a dependency of torch; imported here to keep module imports light
+    from filelock import FileLock, Timeout  # installed with torch
 
     cache_dir = cache_dir_for(cfg)
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
     lock = FileLock(str(Path(cfg.data_dir) / LOCK_NAME))
     try:
         lock.acquire(timeout=0)
-    except TimeoutError:  # filelock.Timeout subclasses it
+    except Timeout:
         log.info("waiting for another process preparing the data in %s", cfg.data_dir)
         lock.acquire()
     try:
