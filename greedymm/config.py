@@ -14,7 +14,6 @@ from typing import Any, Optional, Tuple
 MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
 ALGORITHMS = ("vanilla", "guided", "random")
 DATASETS = ("modelnet40", "embedded", "colored_mnist", "colored_digits")
-RENDER_DATASETS = ("modelnet40", "embedded")  # 12-view renders: ImageNet-normalised, flipped in training
 DIGIT_DATASETS = ("colored_mnist", "colored_digits")  # view 0 colored digit (3 channels), view 1 gray digit (1)
 # Views per object in each dataset's cache (the ModelNet40 renders and the embedded set have 12, the digits 2).
 DATASET_VIEWS = {"modelnet40": 12, "embedded": 12, "colored_mnist": 2, "colored_digits": 2}
