@@ -40,8 +40,9 @@ _EXTRA_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 # Worker processes are never forked from the caller: forking a process where torch already runs threads can deadlock
 # (Python 3.12+ warns). Linux: forkserver (workers fork from a clean server process, started once); elsewhere spawn.
-# Either way a worker imports only the module of its task (numpy, PIL; never torch: greedymm.data imports lazily),
-# and tasks are plain, picklable data.
+# A worker imports the module of its task (numpy, PIL; never torch: greedymm.data imports lazily) and, by Python's
+# rule, re-runs the top level of the caller's main script: nothing in a notebook (the kernel's launcher), a script's
+# imports otherwise. Tasks are plain, picklable data.
 START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 _CHUNK_OBJECTS = 16  # most objects per worker task: small enough for a smooth progress bar
 

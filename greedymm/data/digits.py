@@ -248,9 +248,11 @@ def _mnist_arrays(files: Dict[str, Path]) -> Dict[str, Tuple[np.ndarray, np.ndar
 # The data sets
 
 
-def _gray_splits(cfg: DataConfig, files: Optional[Dict[str, Path]]) -> Dict[str, Tuple[np.ndarray, np.ndarray,
-                                                                                      List[str]]]:
-    """Gray digits, labels and names of the train / val / test splits (before painting)."""
+Split = Tuple[np.ndarray, np.ndarray, List[str]]  # images, labels (N,), names
+
+
+def _gray_splits(cfg: DataConfig, files: Optional[Dict[str, Path]]) -> Dict[str, Split]:
+    """Gray digits (N, H, W), labels and names of the train / val / test splits (before painting)."""
     if cfg.dataset == "colored_digits":
         gray, labels = load_sklearn_digits(cfg.image_size)
         rest, test = split_indices(len(labels), DIGITS_TEST_FRACTION, cfg.split_seed)
@@ -267,7 +269,7 @@ def _gray_splits(cfg: DataConfig, files: Optional[Dict[str, Path]]) -> Dict[str,
 
 
 def make_digit_splits(cfg: DataConfig, files: Optional[Dict[str, Path]] = None
-                      ) -> Tuple[Dict[str, Tuple[np.ndarray, np.ndarray, List[str]]], Dict[str, Dict[str, np.ndarray]]]:
+                      ) -> Tuple[Dict[str, Split], Dict[str, Dict[str, np.ndarray]]]:
     """Build the three splits in memory: view 0 the painted digit, view 1 the gray digit (as 3 equal channels).
 
     Args:

@@ -57,7 +57,7 @@ def _check_free(folder: Path, needed: int, what: str) -> None:
 
 
 def _digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
+    h = hashlib.new(algorithm, usedforsecurity=False)  # md5 is an integrity check here, allowed under FIPS too
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
