@@ -197,3 +197,19 @@ def test_algorithms_refuse_the_wrong_network(tmp_path):
         UniModal(2)
     with pytest.raises(ValueError, match="bias=3"):
         RUBi(3)
+
+
+def test_evaluate_feeds_a_unimodal_network_its_own_modality():
+    val = ToyLoader(24, seed=1, shuffle=False)
+    torch.manual_seed(0)
+    net = UniModalNet.from_two_branch(mmtm_convnet(4, widths=(4, 8, 8)), 1).eval()
+    x1 = torch.cat([b[1] for b in val])
+    y = torch.cat([b[2] for b in val])
+    with torch.no_grad():
+        logits = net(x1)
+    ev = evaluate(net, val)
+    assert_close(ev["acc"], (logits.argmax(1) == y).double().mean().item())
+    assert_close(ev["loss"], F.cross_entropy(logits, y).item(), rtol=1e-5, atol=1e-6)
+    x0 = torch.cat([b[0] for b in val])
+    with torch.no_grad():
+        assert abs(F.cross_entropy(net(x0), y).item() - ev["loss"]) > 1e-3  # the check can tell x0 from x1

@@ -15,8 +15,8 @@ import greedymm.train as train_module
 from greedymm.config import DataConfig, TrainConfig
 from greedymm.data import build_loaders
 from greedymm.experiment import (PAPER_MODELNET40, PAPER_TABLE1, best_unimodal, format_table, paper_column,
-                                 read_epochs, read_steps, run_name, run_one, summarize, train_run,
-                                 utilization_of_run)
+                                 read_epochs, read_steps, run_name, run_one, summarize, train_run, train_runs,
+                                 utilization_of_run, utilization_of_runs)
 from greedymm.mmtm import FusionMode
 from greedymm.model import mmtm_convnet
 from greedymm.plots import _mode_spans, pick_examples, plot_d_speed, plot_d_util, plot_learning_curves, plot_views
@@ -228,3 +228,17 @@ def test_plots_draw_what_they_are_given():
 def test_read_steps_skips_gap_records(tmp_path):
     (tmp_path / "steps.jsonl").write_text('{"gap": [1, 4]}\n{"step": 5, "d_speed": 0.1}\n')
     assert read_steps(tmp_path) == [{"step": 5, "d_speed": 0.1}]
+
+
+def test_colored_digits_vanilla_falls_for_the_color_shortcut(tmp_path):
+    """SPEC Sec. 10: the color predicts the label in training only; after a few epochs the vanilla two-branch model's
+    fused test accuracy is far below the gray uni-modal network's (the direction of the paper's Table 1)."""
+    data = DataConfig.smoke_digits(data_dir=str(tmp_path / "data"))
+    cfg = TrainConfig.for_dataset("colored_digits", max_epochs=2, progress=False, eval_test=False,
+                                  log_dir=str(tmp_path / "logging"), ckpt_dir=str(tmp_path / "ckpt"))
+    runs = utilization_of_runs(train_runs(data, cfg, ["unimodal_m1", "vanilla"], [0], device="cpu",
+                                          progress=False), data, "cpu")
+    gray, vanilla = (r["acc"] for r in runs)
+    assert all(r["status"] == "ok" for r in runs)
+    assert vanilla < gray - 0.2, (vanilla, gray)
+    assert runs[1]["acc1"] > vanilla  # its gray branch alone does better than the color-led fused prediction
