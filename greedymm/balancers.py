@@ -13,7 +13,7 @@ from torch import nn
 
 from .balance import Algorithm, Outputs
 from .mmtm import FusionMode
-from .model import TwoBranchNet
+from .model import TwoBranchNet, final_linear
 
 
 # ------------------------------------------------------------------------------------------------------------ OGM-GE
@@ -45,10 +45,22 @@ def ogm_coefficients(y0_hat: torch.Tensor, y1_hat: torch.Tensor, y: torch.Tensor
     return rho, k0, k1
 
 
-def conv_weights(branch: nn.Module) -> List[nn.Parameter]:
-    """The weights of the convolutions of a branch (not their biases, batch norms, linear layers): what OGM-GE
-    modulates, like the 4-D gradients of their code."""
-    return [m.weight for m in branch.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+def encoder_weights(branch: nn.Module) -> List[nn.Parameter]:
+    """The weights OGM-GE modulates in a branch: those of its convolutions (the 4-D gradients of their code; not the
+    convolutions' biases, the norms, the linear head). A branch without convolutions (an MLP on vectors) gives the
+    weights of its linear layers but the final one (`greedymm.model.final_linear`, the head).
+
+    Args:
+        branch: an nn.Sequential of named stages (e.g. `TwoBranchNet.branch0`).
+    Returns:
+        The parameters, in module order; empty if the branch has neither.
+    """
+    convs = [m.weight for m in branch.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if convs:
+        return convs
+    linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
+    head = final_linear(branch) if linears else None
+    return [m.weight for m in linears if m is not head]
 
 
 class OGMGE(Algorithm):
@@ -56,7 +68,7 @@ class OGMGE(Algorithm):
 
     Every step is a regular (fused) step with the paper's loss CE(y0_hat) + CE(y1_hat). After the backward pass and
     the CLS, before the optimizer step, inside the modulation window: the convolution-weight gradients of the
-    dominant branch are multiplied by its k (`ogm_coefficients`); GE then adds Gaussian noise N(0, std(g)) to every
+    dominant branch are multiplied by its k (`ogm_coefficients`); GE then adds Gaussian noise N(0, std(g)) to each
     convolution-weight gradient g of both branches, std(g) being measured on the gradient before modulation, as in
     their code. Outside the window nothing is modulated and no noise is added (their code does the same); rho is
     still logged, with k_0 = k_1 = 1 (the coefficients applied). The CLS's mu is computed by the trainer before this
@@ -64,7 +76,8 @@ class OGMGE(Algorithm):
 
     Our adaptation: their late-fusion models give each modality a logit share of the fusion layer; here y_k_hat is
     branch k's own head, which also sees the other modality through the MMTMs. Batch norms, the linear heads and the
-    MMTMs are never modulated.
+    MMTMs are never modulated. A branch without convolutions (an MLP on vectors) has its linear layers but the head
+    modulated instead (`encoder_weights`).
 
     The noise comes from a torch.Generator on the parameters' device, owned by this algorithm and saved in its
     state_dict, so a resumed run draws the same noise as an uninterrupted one.
@@ -90,7 +103,7 @@ class OGMGE(Algorithm):
         # not self.end_epoch: that name is the Algorithm's end-of-epoch hook
         self.alpha, self.window = float(alpha), (int(start_epoch), end_epoch)
         self.noise, self.seed = bool(noise), int(seed)
-        self.convs: Tuple[List[nn.Parameter], List[nn.Parameter]] = ([], [])
+        self.modulated: Tuple[List[nn.Parameter], List[nn.Parameter]] = ([], [])
         self.generator: Optional[torch.Generator] = None
         self.draws = 0  # noise draws so far: re-seeds the generator if a run resumes on another kind of device
         self._epoch = 0  # epoch of the current step, from next_mode
@@ -101,12 +114,12 @@ class OGMGE(Algorithm):
         if any(b is None for b in branches):
             raise TypeError(f"algorithm {self.name!r} modulates the branches `branch0` and `branch1` of a "
                             f"TwoBranchNet; {type(model).__name__} has no such attributes")
-        self.convs = (conv_weights(branches[0]), conv_weights(branches[1]))
-        for k, convs in enumerate(self.convs):
-            if not convs:
-                raise ValueError(f"algorithm {self.name!r} modulates the convolution weights of each branch, and "
-                                 f"branch{k} has no convolution (nn.Conv1d/2d/3d)")
-        self.generator = torch.Generator(device=self.convs[0][0].device).manual_seed(self.seed)
+        self.modulated = (encoder_weights(branches[0]), encoder_weights(branches[1]))
+        for k, params in enumerate(self.modulated):
+            if not params:
+                raise ValueError(f"algorithm {self.name!r} modulates the convolution weights of each branch (or, "
+                                 f"without convolutions, its linear layers but the head), and branch{k} has neither")
+        self.generator = torch.Generator(device=self.modulated[0][0].device).manual_seed(self.seed)
         return None
 
     def active(self, epoch: int) -> bool:
@@ -129,8 +142,8 @@ class OGMGE(Algorithm):
         if not self.active(self._epoch):
             one = torch.ones_like(rho)
             return {"rho": rho, "k0": one, "k1": one}
-        grads0 = [p.grad for p in self.convs[0] if p.grad is not None]
-        grads1 = [p.grad for p in self.convs[1] if p.grad is not None]
+        grads0 = [p.grad for p in self.modulated[0] if p.grad is not None]
+        grads1 = [p.grad for p in self.modulated[1] if p.grad is not None]
         grads = grads0 + grads1
         if self.noise and grads:
             stds = [g.std() for g in grads]  # of the gradients before modulation, as their code

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import ToyLoader
+from custom_branches import mlp_model, seq_image_model
 from greedymm.balance import CLS_GROUPS
-from greedymm.balancers import (GradientBlending, OGMGE, blend_weights, conv_weights, head_losses,
+from greedymm.balancers import (GradientBlending, OGMGE, blend_weights, encoder_weights, head_losses,
                                 ogm_coefficients)
 from greedymm.config import ALGORITHMS, PAPER_ROWS, DataConfig, TrainConfig
 from greedymm.experiment import format_table, run_name, summarize
@@ -79,11 +80,34 @@ def test_ogm_coefficients_when_a_score_underflows():
     assert math.isnan(rho) and (float(k0), float(k1)) == (1.0, 1.0)
 
 
-def test_conv_weights_are_the_convolutions_only():
-    model = fresh_model()
+def modulated_names(model, branch):
     names = {id(p): n for n, p in model.named_parameters()}
-    assert [names[id(p)] for p in conv_weights(model.branch1)] == [
-        "branch1.stage1.0.weight", "branch1.stage2.0.weight", "branch1.stage3.0.weight"]
+    return [names[id(p)] for p in encoder_weights(getattr(model, f"branch{branch}"))]
+
+
+def test_encoder_weights_are_the_convolutions_or_an_mlps_hidden_layers():
+    model = fresh_model()
+    assert modulated_names(model, 1) == ["branch1.stage1.0.weight", "branch1.stage2.0.weight",
+                                         "branch1.stage3.0.weight"]
+    seq_image = seq_image_model()  # Conv1d on a sequence, Conv2d on an image
+    assert modulated_names(seq_image, 0) == ["branch0.stage1.0.weight", "branch0.stage2.0.weight"]
+    assert modulated_names(seq_image, 1) == ["branch1.stage1.0.weight", "branch1.stage2.0.weight"]
+    mlp = mlp_model()  # no convolution: the linear layers but the head
+    assert modulated_names(mlp, 0) == ["branch0.stage1.0.weight", "branch0.stage2.0.weight"]
+
+
+def test_ogm_on_an_mlp_scales_its_hidden_linear_layers_not_its_head():
+    model = mlp_model()
+    before = seeded_grads(model)
+    alg = ogm_ready(model, alpha=0.5, noise=False)
+    alg.after_backward(model, {"y0": FLAT, "y1": STRONG}, LABELS)  # branch 1 dominates
+    k = 1 - math.tanh(0.75)
+    scaled = {"branch1.stage1.0.weight", "branch1.stage2.0.weight"}
+    for name, p in model.named_parameters():
+        if name in scaled:
+            assert_close(p.grad, before[name] * k, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(p.grad, before[name]), name
 
 
 def seeded_grads(model):
@@ -192,6 +216,10 @@ def test_bad_ogm_settings():
         OGMGE(start_epoch=2, end_epoch=2)
     with pytest.raises(TypeError, match="TwoBranchNet"):
         OGMGE().setup(torch.nn.Linear(2, 2))
+    no_hidden = fresh_model()
+    no_hidden.branch0 = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(3, 4))  # a head and nothing else
+    with pytest.raises(ValueError, match="branch0 has neither"):
+        OGMGE().setup(no_hidden)
 
 
 # --------------------------------------------------------------------------------------------------- Gradient Blending
