@@ -119,8 +119,13 @@ class OGMGE(Algorithm):
             if not params:
                 raise ValueError(f"algorithm {self.name!r} modulates the convolution weights of each branch (or, "
                                  f"without convolutions, its linear layers but the head), and branch{k} has neither")
-        self.generator = torch.Generator(device=self.modulated[0][0].device).manual_seed(self.seed)
+        self.generator = torch.Generator(device=self.modulated[0][0].device).manual_seed(self._stream_seed(0))
         return None
+
+    def _stream_seed(self, draws: int) -> int:
+        # Not `seed` itself: the global generator, seeded with it, draws the initial weights and the data order, and
+        # the noise should not replay those numbers.
+        return self.seed * 1_000_003 + 977 + draws
 
     def active(self, epoch: int) -> bool:
         """Whether the modulation (and the GE noise) applies in this 0-based epoch."""
@@ -175,7 +180,7 @@ class OGMGE(Algorithm):
         if state["generator_device"] == self.generator.device.type:
             self.generator.set_state(state["generator"])
         else:  # CPU and CUDA generators have different states: continue with a fresh, still seeded, stream
-            self.generator.manual_seed(self.seed * 1_000_003 + self.draws)
+            self.generator.manual_seed(self._stream_seed(self.draws))
 
 
 # -------------------------------------------------------------------------------------------------- Gradient Blending

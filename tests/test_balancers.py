@@ -206,7 +206,14 @@ def test_ogm_resumed_on_another_kind_of_device_draws_a_fresh_seeded_stream():
     state = {**alg.state_dict(), "generator": torch.zeros(16, dtype=torch.uint8), "generator_device": "cuda",
              "draws": 7}
     alg.load_state_dict(state)  # a CUDA generator's state cannot drive a CPU generator
-    assert torch.equal(alg.generator.get_state(), torch.Generator().manual_seed(5 * 1_000_003 + 7).get_state())
+    reseeded = alg.generator.get_state()
+    alg.load_state_dict({**state, "draws": 8})
+    assert not torch.equal(alg.generator.get_state(), reseeded)  # a function of the draws so far: a new stream
+    fresh = OGMGE(seed=5)
+    fresh.setup(fresh_model())
+    assert not torch.equal(fresh.generator.get_state(), reseeded)
+    torch.manual_seed(5)  # the global generator, which drew the initial weights: the noise must not replay it
+    assert not torch.equal(fresh.generator.get_state(), torch.get_rng_state())
 
 
 def test_bad_ogm_settings():
