@@ -1,11 +1,12 @@
-# The two commands of the README: `make run` (the notebook, headless, on the embedded dataset) and `make test`.
+# The two commands of the README: `make run` (the notebook, headless, on the embedded dataset) and `make test`;
+# `make run-digits` runs it on the colored scikit-learn digits, `make bench` the benchmarks.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR := logging/notebook
 
-.PHONY: install test bench run clean
+.PHONY: install test bench run run-digits clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +26,13 @@ bench: install
 
 run: install
 	mkdir -p $(RUN_DIR)
-	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal.ipynb \
+	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal_embedded.ipynb \
 		-k python3 -f notebook_embedded.yaml --cwd .
+
+run-digits: install
+	mkdir -p $(RUN_DIR)
+	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal_colored_digits.ipynb \
+		-k python3 -f notebook_digits.yaml --cwd .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
