@@ -2,18 +2,26 @@
 
 Writes train.step_ms_vanilla_224_b8 (a vanilla step, CLS off), train.cls_ms_224_b8 (mu of the four groups
 plus the cumulative speeds, timed alone in-process: whole-step differences on shared machines swing by +-5%)
-and train.cls_overhead_pct to bench/results.json. Runs on CUDA when there is one, else on the CPU.
+and train.cls_overhead_pct to bench/results.json; beside the vanilla step, in the same invocation, the steps of the
+balancers (SPEC Sec. 12): train.step_ms_ogm_ge_224_b8 (OGM-GE: coefficients, modulation, GE noise) and
+train.step_ms_gblend_224_b8 (Gradient Blending's three-head loss), rounds interleaved so that drift on a shared
+machine hits all three alike, and train.ogm_ge_hook_ms_224_b8 / train.ogm_ge_hook_overhead_pct (OGM-GE's
+after-backward hook timed alone, like the CLS). Runs on CUDA when there is one, else on the CPU.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import statistics  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import median_ms, update_results  # noqa: E402
-from greedymm.balance import CLSTracker  # noqa: E402
+from greedymm.balance import Algorithm, CLSTracker  # noqa: E402
+from greedymm.balancers import OGMGE, GradientBlending  # noqa: E402
+from greedymm.mmtm import FusionMode  # noqa: E402
 from greedymm.model import mmtm_resnet18  # noqa: E402
 
 
@@ -38,16 +46,54 @@ def main() -> None:
     def cls() -> None:  # what the trainer adds per step, ending with the host read of the speeds
         tracker.update(tracker.compute_mu(), regular=True).tolist()
 
-    step_ms = median_ms(step, repeats=10 if not cuda else 50, warmup=2)
+    def algorithm_step(alg: Algorithm):  # a step as the trainer takes it with a balancer, CLS off
+        alg.setup(model)
+        alg.next_mode(0)
+
+        def run() -> None:
+            out = alg.forward(model, x0, x1, FusionMode.FUSED)
+            loss, _ = alg.loss(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            alg.after_backward(model, out, y)
+            optimizer.step()
+            sync()
+        return run
+
+    ogm_ge = OGMGE(alpha=0.1)
+    steps = {"vanilla": step, "ogm_ge": algorithm_step(ogm_ge), "gblend": algorithm_step(GradientBlending())}
+    for fn in steps.values():
+        fn()  # warm-up
+    per_round = {name: [] for name in steps}
+    for _ in range(7 if not cuda else 10):  # interleaved rounds: drift on a shared machine hits all three alike
+        for name, fn in steps.items():
+            per_round[name].append(median_ms(fn, repeats=1 if not cuda else 10, warmup=0))
+    step_ms = {name: statistics.median(times) for name, times in per_round.items()}
     cls_ms = median_ms(cls, repeats=50, warmup=5)  # gradients of the last step are still there
+    with torch.no_grad():
+        y0, y1 = model(x0, x1)
+
+    def ogm_hook() -> None:  # what OGM-GE adds to a step: coefficients, modulation, GE noise (timed alone, as the CLS)
+        ogm_ge.after_backward(model, {"y0": y0, "y1": y1}, y)
+        sync()
+
+    hook_ms = median_ms(ogm_hook, repeats=10 if not cuda else 50, warmup=2)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    vanilla_ms = step_ms["vanilla"]
     update_results({
-        "train.step_ms_vanilla_224_b8": round(step_ms, 2),
+        "train.step_ms_vanilla_224_b8": round(vanilla_ms, 2),
+        "train.step_ms_ogm_ge_224_b8": round(step_ms["ogm_ge"], 2),
+        "train.step_ms_gblend_224_b8": round(step_ms["gblend"], 2),
+        "train.ogm_ge_hook_ms_224_b8": round(hook_ms, 3),
+        "train.ogm_ge_hook_overhead_pct": round(100 * hook_ms / vanilla_ms, 3),
         "train.cls_ms_224_b8": round(cls_ms, 3),
-        "train.cls_overhead_pct": round(100 * cls_ms / step_ms, 3),
+        "train.cls_overhead_pct": round(100 * cls_ms / vanilla_ms, 3),
         "train.device": device_name,
     })
-    print(f"{device_name}: step {step_ms:.1f} ms, CLS {cls_ms:.2f} ms ({100 * cls_ms / step_ms:.2f}%)")
+    print(f"{device_name}: step {vanilla_ms:.1f} ms, CLS {cls_ms:.2f} ms ({100 * cls_ms / vanilla_ms:.2f}%)")
+    for name in ("ogm_ge", "gblend"):
+        print(f"  {name}: step {step_ms[name]:.1f} ms ({step_ms[name] / vanilla_ms:.3f}x vanilla)")
+    print(f"  ogm_ge hook alone: {hook_ms:.2f} ms ({100 * hook_ms / vanilla_ms:.2f}% of a vanilla step)")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
 # The rows of the paper's Table 1, in its order (SPEC Sec. 5 and 9). The first two train a uni-modal network on m0
 # or m1; "rubi" is the RUBi baseline; the others train the two-branch network.
 PAPER_ROWS = ("unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided")
-# Every training algorithm: the paper's rows, then the balancers from the related work (not in the paper).
-ALGORITHMS = PAPER_ROWS
+# Every training algorithm: the paper's rows, then the balancers from the related work (not in the paper; SPEC
+# Sec. 12): "ogm_ge" (OGM-GE, Peng et al. 2022) and "gblend" (Gradient Blending, Wang et al. 2020).
+BALANCERS = ("ogm_ge", "gblend")
+ALGORITHMS = PAPER_ROWS + BALANCERS
 # Algorithms that take re-balancing steps, which need the running means of at least one regular epoch first.
 REBALANCING = ("random", "guided")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -188,6 +190,10 @@ class TrainConfig:
     epsilon: float = 0.01  # guided: imbalance tolerance on |d_speed|
     window: int = 5  # guided: re-balancing steps W taken once |d_speed| > epsilon
     rubi_bias: str = "m0"  # rubi: the bias modality whose branch feeds the bias-only classifier ("m0" or "m1")
+    ogm_alpha: float = 0.1  # ogm_ge: alpha of k = 1 - tanh(alpha * rho); their code uses 0.1-0.8 by dataset, 0.1 keeps near-balanced views near vanilla
+    ogm_start_epoch: int = 0  # ogm_ge: epochs trained before the modulation (and its GE noise) starts
+    ogm_end_epoch: Optional[int] = None  # ogm_ge: the modulation (and its GE noise) stops after this many epochs; None: never
+    gblend_period: int = 3  # gblend: n, the epochs between two re-estimations of the blending weights
     seed: int = 0  # seeds weights, data order, augmentation and the random schedule
     precision: str = "auto"  # "auto": bf16 on CUDA GPUs of compute capability >= 8.0, fp16 (loss scaling) below, fp32 on CPU; or "fp32", "bf16", "fp16"
     channels_last: bool = True  # channels_last memory format on CUDA
@@ -230,6 +236,17 @@ class TrainConfig:
             raise ValueError(f"l1={self.l1} must be a finite number >= 0 (the L1 penalty strength lambda)")
         if self.rubi_bias not in ("m0", "m1"):
             raise ValueError(f"rubi_bias={self.rubi_bias!r} is unknown; allowed: 'm0', 'm1'")
+        # the balancers' settings (SPEC Sec. 12)
+        if not (self.ogm_alpha >= 0 and math.isfinite(self.ogm_alpha)):
+            raise ValueError(f"ogm_alpha={self.ogm_alpha} must be a finite number >= 0 (0 modulates nothing: GE noise "
+                             "only)")
+        if self.ogm_start_epoch < 0:
+            raise ValueError(f"ogm_start_epoch={self.ogm_start_epoch} must be 0 or more")
+        if self.ogm_end_epoch is not None and self.ogm_end_epoch <= self.ogm_start_epoch:
+            raise ValueError(f"ogm_end_epoch={self.ogm_end_epoch} must be greater than ogm_start_epoch="
+                             f"{self.ogm_start_epoch} (the modulation runs in epochs start..end-1), or None for no end")
+        if self.gblend_period < 1:
+            raise ValueError(f"gblend_period={self.gblend_period} must be at least 1 (epochs between re-estimations)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
         if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
@@ -249,7 +266,8 @@ class TrainConfig:
     # Fields that only matter to some algorithms: they are left out of the others' identity, so that changing
     # guided's epsilon, say, does not make the vanilla runs new runs.
     ALGORITHM_ONLY = {"epsilon": ("guided",), "window": ("guided",), "warmup_epochs": REBALANCING,
-                      "rubi_bias": ("rubi",)}
+                      "rubi_bias": ("rubi",), "ogm_alpha": ("ogm_ge",), "ogm_start_epoch": ("ogm_ge",),
+                      "ogm_end_epoch": ("ogm_ge",), "gblend_period": ("gblend",)}
 
     def identity(self) -> dict:
         """The settings that define a training run: every field that changes its result (see NOT_IDENTITY and

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 COLORS = {"unimodal_m0": "tab:olive", "unimodal_m1": "tab:cyan", "vanilla": "tab:gray", "rubi": "tab:brown",
-          "random": "tab:orange", "guided": "tab:blue"}
+          "random": "tab:orange", "guided": "tab:blue", "ogm_ge": "tab:pink", "gblend": "tab:purple"}
 MODE_COLORS = {"rebalance_m0": "tab:green", "rebalance_m1": "tab:red"}
 
 

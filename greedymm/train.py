@@ -273,6 +273,12 @@ def make_algorithm(cfg: TrainConfig) -> Algorithm:
     """
     if cfg.algorithm in ("vanilla", "guided", "random"):
         return Algorithm(make_schedule(cfg.algorithm, cfg.epsilon, cfg.window, cfg.warmup_epochs, cfg.seed))
+    if cfg.algorithm in ("ogm_ge", "gblend"):
+        from . import balancers  # the related work's balancers (SPEC Sec. 12)
+
+        if cfg.algorithm == "ogm_ge":
+            return balancers.OGMGE(cfg.ogm_alpha, cfg.ogm_start_epoch, cfg.ogm_end_epoch, seed=cfg.seed)
+        return balancers.GradientBlending(cfg.gblend_period)
     from . import baselines  # imported here: the paper's own algorithms need none of it
 
     if cfg.algorithm in ("unimodal_m0", "unimodal_m1"):
