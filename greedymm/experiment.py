@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ALGORITHMS, PAPER_ROWS, DataConfig, TrainConfig, save_json, to_dict
 from .data import build_loaders
-from .model import TwoBranchNet, mmtm_resnet18
+from .model import TwoBranchNet, UniModalNet, mmtm_resnet18
 from .train import (Callback, amp_dtype, default_device, evaluate, is_two_branch, load_checkpoint, model_signature,
                     train)
 from .utilization import conditional_utilization
@@ -111,8 +111,6 @@ def build_model(algorithm: str, two_branch: nn.Module) -> nn.Module:
         `two_branch` itself, or `UniModalNet.from_two_branch(two_branch, k)` for "unimodal_m{k}".
     """
     if algorithm in UNIMODAL:
-        from .model import UniModalNet  # TEMP until the model branch lands
-
         return UniModalNet.from_two_branch(two_branch, int(algorithm[-1]))
     return two_branch
 

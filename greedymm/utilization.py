@@ -32,7 +32,7 @@ def compute_squeeze_means(model: TwoBranchNet, train_loader: Iterable[Batch],
     model.eval()
     mmtms = list(model.mmtms.values())
     for m in mmtms:
-        m.squeeze_stats = [torch.zeros(m.channels, device=device), torch.zeros(m.channels, device=device), 0]
+        m.squeeze_stats = [torch.zeros(m.channels_a, device=device), torch.zeros(m.channels_b, device=device), 0]
     try:
         for x0, x1, y in train_loader:
             x0, x1, _ = _to_device(x0, x1, y, device, model)

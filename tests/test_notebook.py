@@ -1,13 +1,81 @@
-"""The notebook top to bottom with papermill on a tiny embedded setting, twice: the second run resumes."""
+"""The notebook's settings checks, and the notebook top to bottom with papermill on a tiny embedded setting, twice:
+the second run resumes."""
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from greedymm.notebook import PARAMETERS, check_parameters, plan_from_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(DATASET="embedded", IMAGE_SIZE=32, BATCH_SIZE=16, LR=0.05, MOMENTUM=0.9, MAX_EPOCHS=2, SEEDS=[0],
-            ALGORITHMS=["vanilla", "random", "guided"], EMBEDDED_PER_CLASS=16, EMBEDDED_TEST_PER_CLASS=4, NUM_WORKERS=0, PROGRESS=False)
+            ALGORITHMS=["vanilla", "rubi", "random", "guided"], UNIMODAL=True, EMBEDDED_PER_CLASS=16,
+            EMBEDDED_TEST_PER_CLASS=4, NUM_WORKERS=0, PROGRESS=False)
+DEFAULTS = dict(DATASET="modelnet40", DATA_DIR="", DATA_URL="", make_npy_files=False, VIEWS=None, IMAGE_SIZE=None,
+                BATCH_SIZE=None, LR=None, MOMENTUM=None, MAX_EPOCHS=None, ALGORITHMS=["vanilla", "rubi", "random",
+                                                                                       "guided"],
+                UNIMODAL=True, EPSILON=None, WINDOW=None, SEEDS=[0, 1, 2], LOG_DIR="logging", CKPT_DIR="checkpoints",
+                RESUME=True, NUM_WORKERS=2, EMBEDDED_PER_CLASS=120, EMBEDDED_TEST_PER_CLASS=40, PRECISION="auto",
+                PROGRESS=True)
+
+
+def notebook_defaults() -> dict:
+    """The values of the notebook's parameters cell, read from the notebook itself."""
+    nb = json.loads((ROOT / "greedy_multimodal.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    values: dict = {}
+    exec("".join(cell["source"]), {}, values)
+    return values
+
+
+def test_the_parameters_cell_holds_every_checked_setting_with_its_documented_default():
+    values = notebook_defaults()
+    assert set(PARAMETERS) <= set(values)
+    assert {k: values[k] for k in DEFAULTS} == DEFAULTS
+
+
+def test_plan_fills_the_paper_presets_per_dataset():
+    plan = plan_from_parameters(DEFAULTS)
+    assert plan.algorithms == ["unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided"]
+    assert (plan.data.dataset, plan.data.views, plan.data.image_size, plan.data.batch_size) == (
+        "modelnet40", (0, 6), 224, 8)
+    assert (plan.train.lr, plan.train.momentum, plan.train.epsilon, plan.train.window, plan.train.max_epochs) == (
+        0.1, 0.0, 0.01, 5, 300)
+    digits = plan_from_parameters(dict(DEFAULTS, DATASET="colored_digits", UNIMODAL=False, SEEDS=[3]))
+    assert (digits.data.views, digits.data.image_size, digits.data.batch_size) == ((0, 1), 28, 128)
+    assert (digits.train.lr, digits.train.momentum, digits.train.epsilon, digits.train.window) == (0.01, 0.9, 0.1, 5)
+    assert digits.algorithms == ["vanilla", "rubi", "random", "guided"] and digits.seeds == [3]
+    mine = plan_from_parameters(dict(DEFAULTS, LR=0.02, BATCH_SIZE=4, VIEWS=[2, 2], ALGORITHMS=["guided"],
+                                     UNIMODAL=False, DATA_URL="http://mirror/x.tar.gz"))
+    assert (mine.train.lr, mine.data.batch_size, mine.data.views, mine.algorithms) == (0.02, 4, (2, 2), ["guided"])
+    assert mine.data.url == "http://mirror/x.tar.gz"
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("SEEDS", "[0, 1, 2]", "SEEDS='[0, 1, 2]' is a str; it must be a list[int], e.g. SEEDS = [0, 1, 2]. "
+                           "papermill's -p passes text, not lists: pass YAML instead, e.g. `-y 'SEEDS: [0, 1, 2]'`"),
+    ("ALGORITHMS", "guided", "ALGORITHMS='guided' is a str; it must be a list[str]"),
+    ("SEEDS", [0, "1"], "SEEDS=[0, '1'] is a list; it must be a list[int]"),
+    ("LR", "0.1", "LR='0.1' is a str; it must be a float or None"),
+    ("RESUME", 1, "RESUME=1 is a int; it must be a bool"),
+    ("MAX_EPOCHS", 2.5, "MAX_EPOCHS=2.5 is a float; it must be a int or None"),
+])
+def test_settings_of_the_wrong_type_are_named_with_the_way_to_pass_them(name, value, message):
+    with pytest.raises(TypeError) as err:
+        check_parameters(dict(DEFAULTS, **{name: value}))
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(ALGORITHMS=["greedy"]), "ALGORITHMS has ['greedy']; allowed: unimodal_m0"),
+    (dict(SEEDS=[]), "SEEDS is empty"),
+    (dict(ALGORITHMS=[], UNIMODAL=False), "nothing to train"),
+    (dict(DATASET="cifar"), "dataset='cifar' is unknown"),
+])
+def test_bad_values_are_refused_clearly(change, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        plan_from_parameters(dict(DEFAULTS, **change))
 
 
 def execute(tmp_path: Path, out_name: str) -> dict:
@@ -17,28 +85,38 @@ def execute(tmp_path: Path, out_name: str) -> dict:
                   CKPT_DIR=str(tmp_path / "checkpoints"))
     pm.execute_notebook(str(ROOT / "greedy_multimodal.ipynb"), str(tmp_path / out_name), parameters=params,
                         cwd=str(ROOT), kernel_name="python3", progress_bar=False)
-    return json.loads((tmp_path / "logging" / "results.json").read_text())
+    return json.loads((tmp_path / "logging" / "results_embedded.json").read_text())
+
+
+def images_in(path: Path) -> int:
+    executed = json.loads(path.read_text())
+    assert not any(o.get("output_type") == "error" for c in executed["cells"] for o in c.get("outputs", []))
+    return sum("image/png" in o.get("data", {}) for c in executed["cells"] for o in c.get("outputs", []))
 
 
 @pytest.mark.slow
-def test_notebook_runs_and_resumes(tmp_path):
+def test_notebook_runs_all_six_rows_shows_every_figure_and_resumes(tmp_path):
     pytest.importorskip("papermill")
     results = execute(tmp_path, "first.ipynb")
     runs = results["runs"]
-    assert sorted(r["algorithm"] for r in runs) == ["guided", "random", "vanilla"]
+    rows = ["unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided"]
+    assert [r["algorithm"] for r in runs] == rows and all(r["status"] == "ok" for r in runs)
     for r in runs:
-        for k in ("acc", "acc0", "acc1", "acc0_cut", "acc1_cut"):
-            assert 0.0 <= r[k] <= 1.0, (r["algorithm"], k, r[k])
-        assert math.isnan(r["d_util"]) or -1.0 <= r["d_util"] <= 1.0
+        assert 0.0 <= r["acc"] <= 1.0
         steps = (Path(r["log_dir"]) / "steps.jsonl").read_text().splitlines()
-        assert len(steps) == r["steps"] > 0  # one CLS record per training step
-        assert all("d_speed" in json.loads(line) for line in steps[:3])
-    assert set(results["summary"]) == {"vanilla", "random", "guided"}
-    assert len(results["figures"]) == 4
+        assert len(steps) == r["steps"] > 0  # one record per training step
+        if r["algorithm"].startswith("unimodal"):
+            assert math.isnan(r["d_util"]) and "d_speed" not in json.loads(steps[0])
+        else:
+            for k in ("acc0", "acc1", "acc0_cut", "acc1_cut"):
+                assert 0.0 <= r[k] <= 1.0, (r["algorithm"], k, r[k])
+            assert math.isnan(r["d_util"]) or -1.0 <= r["d_util"] <= 1.0
+            assert all("d_speed" in json.loads(line) for line in steps[:3])  # the CLS, every step
+    assert list(results["summary"]) == rows
+    assert len(results["figures"]) == 4  # views, learning curves, d_speed, d_util
     for fig in results["figures"]:
         assert Path(fig).stat().st_size > 5000  # a real PNG, not an empty canvas
-    executed = json.loads((tmp_path / "first.ipynb").read_text())
-    assert not any(o.get("output_type") == "error" for c in executed["cells"] for o in c.get("outputs", []))
+    assert images_in(tmp_path / "first.ipynb") == len(results["figures"])  # every figure shown inline, once
 
     again = execute(tmp_path, "second.ipynb")  # same settings: every run resumes from its checkpoint
     assert again["steps_this_call"] == 0
