@@ -181,8 +181,9 @@ def plot_regularization(records: Sequence[dict], tau: Optional[float] = None) ->
             if not rs:
                 continue
             xs, means, stds = _series(rs, "l1", key)
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=PAIR_COLORS.get(pair, f"C{n}"),
-                        label=f"{dataset}, {pair}" if several else pair, gid=f"{key}:{dataset}:{pair}")
+            bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=PAIR_COLORS.get(pair, f"C{n}"),
+                               label=f"{dataset}, {pair}" if several else pair)
+            bars.lines[0].set_gid(f"{key}:{dataset}:{pair}")  # the curve of means (caps and bars carry none)
             shown = True
         if shown:
             _log_x(ax, [r["l1"] for r in ok])
@@ -228,9 +229,9 @@ def plot_sensitivity(records: Sequence[dict]) -> Figure:
                     continue
                 xs, means, stds = _series(rs, x_key, key)
                 name = f"{'ε' if other == 'epsilon' else 'W'} = {value:g}"
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=f"C{n}",
-                            label=f"{dataset}, {pair}, {name}" if several else name,
-                            gid=f"{key}:{x_key}:{dataset}:{pair}:{other}={value:g}")
+                bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=f"C{n}",
+                                   label=f"{dataset}, {pair}, {name}" if several else name)
+                bars.lines[0].set_gid(f"{key}:{x_key}:{dataset}:{pair}:{other}={value:g}")
                 shown = True
             if shown:
                 if x_key == "epsilon":
@@ -244,6 +245,30 @@ def plot_sensitivity(records: Sequence[dict]) -> Figure:
             ax.set_ylabel(LABELS[key])
             ax.set_title(f"guided: {LABELS[key]} against {LABELS[x_key]}")
     return fig
+
+
+def summary_table(records: Sequence[dict], by: Sequence[str], keys: Sequence[str]) -> str:
+    """The numbers behind a figure as a Markdown table: mean +- std over the runs of each group.
+
+    Args:
+        records: runs.jsonl records (failed runs and NaN values are left out, per figure).
+        by: the record fields that form the groups, e.g. ("dataset", "pair") or ("l1",).
+        keys: the figures to aggregate, e.g. ("d_util", "d_speed").
+    Returns:
+        Markdown text: one row per group (in sorted order) with "mean ± std (n)" per key.
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+    groups = sorted({tuple(r.get(b) for b in by) for r in ok}, key=lambda g: tuple(str(x) for x in g)
+                    if not all(isinstance(x, (int, float)) for x in g) else g)
+    lines = ["| " + " | ".join(list(by) + list(keys)) + " |", "|" + "---|" * (len(by) + len(keys))]
+    for g in groups:
+        rs = [r for r in ok if tuple(r.get(b) for b in by) == g]
+        cells = [f"{x:g}" if isinstance(x, float) else str(x) for x in g]
+        for k in keys:
+            vals = [r[k] for r in ok_records(rs, (k,))]
+            cells.append("n/a" if not vals else "{:+.3f} ± {:.3f} ({})".format(*mean_std(vals), len(vals)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # The figures a Study names in its `figures` (greedymm.study.grid.FIGURE_NAMES).
