@@ -1,11 +1,13 @@
-# The two commands of the README: `make run` (the notebook, headless, on the embedded dataset) and `make test`.
+# The two commands of the README: `make run` (the notebook, headless, on the embedded dataset) and `make test`;
+# `make studies` runs the paper's studies (paper_studies.ipynb) headless on the embedded dataset with small grids.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR := logging/notebook
+STUDIES_DIR := logging/studies
 
-.PHONY: install test bench run clean
+.PHONY: install test bench run studies clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,11 @@ run: install
 	mkdir -p $(RUN_DIR)
 	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal.ipynb \
 		-k python3 -f notebook_embedded.yaml --cwd .
+
+studies: install
+	mkdir -p $(STUDIES_DIR)
+	$(BIN)/python -m papermill paper_studies.ipynb $(STUDIES_DIR)/paper_studies.ipynb \
+		-k python3 -f studies_embedded.yaml --cwd .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

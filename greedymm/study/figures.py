@@ -258,11 +258,18 @@ def summary_table(records: Sequence[dict], by: Sequence[str], keys: Sequence[str
         Markdown text: one row per group (in sorted order) with "mean ± std (n)" per key.
     """
     ok = [r for r in records if r.get("status") == "ok"]
-    groups = sorted({tuple(r.get(b) for b in by) for r in ok}, key=lambda g: tuple(str(x) for x in g)
-                    if not all(isinstance(x, (int, float)) for x in g) else g)
+
+    def group_of(r: dict) -> tuple:  # lists (views) as tuples, so groups can be collected in a set
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (r.get(b) for b in by))
+
+    def order(group: tuple) -> tuple:  # numbers by value, before any text (None included)
+        return tuple((0, x, "") if isinstance(x, (int, float)) and not isinstance(x, bool) else (1, 0, str(x))
+                     for x in group)
+
+    groups = sorted({group_of(r) for r in ok}, key=order)
     lines = ["| " + " | ".join(list(by) + list(keys)) + " |", "|" + "---|" * (len(by) + len(keys))]
     for g in groups:
-        rs = [r for r in ok if tuple(r.get(b) for b in by) == g]
+        rs = [r for r in ok if group_of(r) == g]
         cells = [f"{x:g}" if isinstance(x, float) else str(x) for x in g]
         for k in keys:
             vals = [r[k] for r in ok_records(rs, (k,))]
