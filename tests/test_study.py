@@ -201,13 +201,13 @@ def test_l1_term_in_the_training_loss(tiny_model, toy_loaders, tmp_path):
 def test_sparsity_counts_parameters_below_tau():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[0.0005, -0.002], [0.0, 1.0]]))
+        model[0].weight.copy_(torch.tensor([[0.0005, -0.002], [0.0, 0.001]]))
         model[0].bias.copy_(torch.tensor([-0.0009, 0.5]))
         model[1].weight.fill_(1.0)
         model[1].bias.fill_(0.0)  # running_mean (buffers, zeros) must not count
-    # small: 0.0005, 0.0, -0.0009 and the two zero biases: 5 of 10 parameters
+    # |theta| < 1e-3: 0.0005, 0.0, -0.0009 and the two zero biases (0.001 is not below): 5 of 10 parameters
     assert sparsity(model, tau=1e-3) == 0.5
-    assert sparsity(model, tau=1e-2) == 0.6  # and -0.002
+    assert sparsity(model, tau=1e-2) == 0.7  # and -0.002, 0.001
     with pytest.raises(ValueError, match="positive"):
         sparsity(model, tau=0.0)
 
