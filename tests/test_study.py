@@ -15,7 +15,7 @@ from greedymm.config import DataConfig, TrainConfig
 from greedymm.experiment import run_name
 from greedymm.model import mmtm_convnet
 from greedymm.regularization import sparsity
-from greedymm.study import Grid, Study, expand, log_space, make_executor, run_study
+from greedymm.study import Grid, Study, expand, load_study, log_space, make_executor, run_study
 from greedymm.study.executors import ProcessExecutor
 from greedymm.study.grid import pair_views
 from greedymm.study.records import append_record, finished_keys, latest, read_records
@@ -258,6 +258,8 @@ def test_rerun_trains_nothing_and_rebuilds_figures(finished, dirs):
     assert {r["run_name"]: (Path(r["log_dir"]) / "steps.jsonl").stat().st_mtime_ns for r in again.records} == steps
     assert first.figure_paths["pairs"].exists()
     assert [r["d_util"] for r in again.records] == [r["d_util"] for r in first.records]
+    loaded = load_study(study, **dirs)  # reads, never runs
+    assert loaded.ran == 0 and loaded.records == again.records and set(loaded.figures) == {"pairs", "cls_cur"}
 
 
 def test_unrecorded_run_is_measured_again_without_training(finished, dirs):

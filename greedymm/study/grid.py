@@ -164,8 +164,8 @@ class RunSpec:
         data, train = self.data_config(), self.train_config()
         return {"study": self.study, "key": self.key, "run_name": self.run_name, "dataset": self.dataset,
                 "pair": self.pair, "views": list(self.views), "model": self.model, "algorithm": self.algorithm,
-                "lr": self.lr,
-                "seed": self.seed, "l1": self.l1, "epsilon": self.epsilon, "window": self.window, "tau": self.tau,
+                "lr": self.lr, "seed": self.seed, "l1": self.l1, "epsilon": self.epsilon, "window": self.window,
+                "tau": self.tau,
                 "batch_size": data.batch_size, "image_size": data.image_size, "momentum": train.momentum,
                 "max_epochs": train.max_epochs, "max_steps": train.max_steps,
                 "data": data.identity(), "train": train.identity()}
@@ -216,7 +216,7 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
     Args:
         study: the Study.
         log_dir, ckpt_dir: roots of the runs' logs and checkpoints (made absolute: workers may run elsewhere).
-        data_dir: where the data lives; None = each dataset's default (made absolute too).
+        data_dir: where the data lives; None = each dataset's default (made absolute too, from here).
     Returns:
         One RunSpec per run.
     """
@@ -229,7 +229,7 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
             default = _base_data(dataset, {**study.data, **data_extra})
             label, views = pair_views(dataset, pair, default.views)
             try:
-                data = dataclasses.replace(default, views=views)
+                data = dataclasses.replace(default, views=views, data_dir=str(Path(default.data_dir).absolute()))
             except ValueError as err:
                 raise ValueError(f"study {study.name!r}, dataset {dataset!r}, pair {pair!r}: {err}") from None
             preset = TrainConfig.for_dataset(dataset, **study.train)
