@@ -1,5 +1,6 @@
 # The two commands of the README: `make run` (the notebook, headless, on the embedded dataset) and `make test`;
-# `make studies` runs the paper's studies (paper_studies.ipynb) headless on the embedded dataset with small grids.
+# `make run-digits` runs it on the colored scikit-learn digits, `make bench` the benchmarks; `make studies` runs the
+# paper's studies (paper_studies.ipynb) headless on the embedded dataset with small grids.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 RUN_DIR := logging/notebook
 STUDIES_DIR := logging/studies
 
-.PHONY: install test bench run studies clean
+.PHONY: install test bench run run-digits studies clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +28,13 @@ bench: install
 
 run: install
 	mkdir -p $(RUN_DIR)
-	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal.ipynb \
+	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal_embedded.ipynb \
 		-k python3 -f notebook_embedded.yaml --cwd .
+
+run-digits: install
+	mkdir -p $(RUN_DIR)
+	$(BIN)/python -m papermill greedy_multimodal.ipynb $(RUN_DIR)/greedy_multimodal_colored_digits.ipynb \
+		-k python3 -f notebook_digits.yaml --cwd .
 
 studies: install
 	mkdir -p $(STUDIES_DIR)

@@ -20,36 +20,67 @@ ALGORITHMS = PAPER_ROWS
 # Algorithms that take re-balancing steps, which need the running means of at least one regular epoch first.
 REBALANCING = ("random", "guided")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DATASETS = ("modelnet40", "embedded")
-# Views per object in each dataset's cache (the ModelNet40 renders and the embedded set have 12).
-DATASET_VIEWS = {"modelnet40": 12, "embedded": 12}
-
+DATASETS = ("modelnet40", "embedded", "colored_mnist", "colored_digits")
+DIGIT_DATASETS = ("colored_mnist", "colored_digits")  # view 0 colored digit (3 channels), view 1 gray digit (1)
+# Views per object in each dataset's cache (the ModelNet40 renders and the embedded set have 12, the digits 2).
+DATASET_VIEWS = {"modelnet40": 12, "embedded": 12, "colored_mnist": 2, "colored_digits": 2}
+# What `views=None`, `image_size=None` and `val_fraction=None` resolve to. Renders: front/rear at 224 px, 20% of
+# the training objects held out (SPEC Sec. 1). Digits: colored/gray at MNIST's 28 px; colored_mnist holds out 10,000
+# of MNIST's 60,000 training digits, colored_digits 25% of the 80% left after its 20% test split (60/20/20).
+DEFAULT_VIEWS = {"modelnet40": (0, 6), "embedded": (0, 6), "colored_mnist": (0, 1), "colored_digits": (0, 1)}
+DEFAULT_IMAGE_SIZE = {"modelnet40": 224, "embedded": 224, "colored_mnist": 28, "colored_digits": 28}
+DEFAULT_VAL_FRACTION = {"modelnet40": 0.2, "embedded": 0.2, "colored_mnist": 1 / 6, "colored_digits": 0.25}
+# What `url=""` resolves to; colored_mnist keeps "": torchvision's MNIST mirrors, looked up when downloading.
+DEFAULT_URL = {"modelnet40": MODELNET_URL, "embedded": "", "colored_mnist": "", "colored_digits": ""}
+# What `data_dir=""` resolves to; "data" is torchvision's usual root (MNIST's files in data/MNIST/raw/).
+DEFAULT_DATA_DIR = {"modelnet40": "ModelNet", "embedded": "ModelNet", "colored_mnist": "data", "colored_digits": "data"}
 
 
 @dataclass
 class DataConfig:
-    """Where the two-view data comes from and how it is batched (SPEC Sec. 1)."""
+    """Where the two-view data comes from and how it is batched (SPEC Sec. 1, 10 and 11).
 
-    dataset: str = "modelnet40"  # "modelnet40" (the paper's) or "embedded" (generated here)
-    data_dir: str = "ModelNet"  # downloads, unpacked renders and the .npy cache live here
-    url: str = MODELNET_URL  # the MVCNN shaded-images archive
-    mirrors: Tuple[str, ...] = ()  # further URLs tried in order when `url` fails
-    sha256: Optional[str] = None  # expected archive checksum; None skips the check
+    `views`, `image_size`, `val_fraction`, `url` and `data_dir` left at None / "" take the dataset's defaults
+    (DEFAULT_*), resolved when the config is made: a config always holds concrete values. To switch the dataset
+    of an existing config, pass those fields as None / "" again, e.g. `dataclasses.replace(cfg, dataset=...,
+    views=None, ...)`, or use `DataConfig.for_dataset`.
+    """
+
+    dataset: str = "modelnet40"  # "modelnet40" (the paper's), "embedded" (generated), "colored_mnist", "colored_digits"
+    data_dir: str = ""  # downloads, renders, MNIST's IDX files and the .npy caches; "" = the dataset's default
+    url: str = ""  # modelnet40: the archive; colored_mnist: the base URL of the IDX files; "" = the dataset's default
+    mirrors: Tuple[str, ...] = ()  # further URLs (colored_mnist: base URLs) tried in order when `url` fails
+    sha256: Optional[str] = None  # modelnet40: expected archive checksum; None skips the check
     make_npy_files: bool = False  # True forces the .npy cache to be rebuilt
-    views: Tuple[int, int] = (0, 6)  # view indices used as m0 and m1 (0 = front, 6 = rear)
-    image_size: int = 224  # side of the cached square images, in pixels
+    views: Optional[Tuple[int, int]] = None  # view indices of m0 and m1 (equal: identical modalities); None = default
+    image_size: Optional[int] = None  # side of the cached square images, in pixels; None = the dataset's default
     batch_size: int = 8  # samples per training batch
     eval_batch_size: int = 64  # samples per evaluation batch
-    num_workers: int = 0  # loader worker processes (0 = load in the main process)
-    val_fraction: float = 0.2  # share of the training objects held out for validation
-    split_seed: int = 0  # seed of the fixed validation split
+    num_workers: int = 0  # worker processes of the training loader (0 = load in the main process)
+    val_fraction: Optional[float] = None  # share of the training split held out for validation; None = default
+    split_seed: int = 0  # seed of the fixed validation split (and of colored_digits' test split)
     cache_workers: int = 0  # processes that build the cache (0 = one per CPU core)
     embedded_per_class: int = 120  # embedded dataset: training objects per class
     embedded_test_per_class: int = 40  # embedded dataset: test objects per class
     embedded_seed: int = 0  # embedded dataset: generator seed
+    color_match: float = 1.0  # digits: share of training digits painted in their class color (the rest: a random one)
+    color_noise_var: float = 0.03  # digits: variance of the Gaussian noise added to each color channel (0..1 scale)
+    color_seed: int = 0  # digits: seed of the colors, drawn once and stored in the cache
 
     def __post_init__(self) -> None:
-        self.views = tuple(int(v) for v in self.views)  # JSON round trips give lists
+        if self.dataset in DATASETS:  # else validate() names the dataset
+            if self.views is None:
+                self.views = DEFAULT_VIEWS[self.dataset]
+            if self.image_size is None:
+                self.image_size = DEFAULT_IMAGE_SIZE[self.dataset]
+            if self.val_fraction is None:
+                self.val_fraction = DEFAULT_VAL_FRACTION[self.dataset]
+            if not self.url:
+                self.url = DEFAULT_URL[self.dataset]
+            if not self.data_dir:
+                self.data_dir = DEFAULT_DATA_DIR[self.dataset]
+        if self.views is not None:
+            self.views = tuple(int(v) for v in self.views)  # JSON round trips give lists
         self.mirrors = tuple(self.mirrors)
         self.validate()
 
@@ -62,9 +93,9 @@ class DataConfig:
         n_views = DATASET_VIEWS[self.dataset]
         for v in self.views:
             if not 0 <= v < n_views:
-                raise ValueError(f"views={self.views}: each view index must be in 0..{n_views - 1}")
-        if self.views[0] == self.views[1]:
-            raise ValueError(f"views={self.views}: m0 and m1 must be two different views")
+                raise ValueError(f"views={self.views}: each view index must be in 0..{n_views - 1} for "
+                                 f"dataset={self.dataset!r} (views=None takes its default, "
+                                 f"{DEFAULT_VIEWS[self.dataset]})")
         if not 8 <= self.image_size <= 1024:
             raise ValueError(f"image_size={self.image_size} must be between 8 and 1024 pixels")
         for name in ("batch_size", "eval_batch_size", "embedded_per_class", "embedded_test_per_class"):
@@ -75,19 +106,48 @@ class DataConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must be strictly between 0 and 1")
+        if not 0.0 <= self.color_match <= 1.0:
+            raise ValueError(f"color_match={self.color_match} must be in [0, 1] (the share of training digits "
+                             "painted in their class color)")
+        if not (0.0 <= self.color_noise_var and math.isfinite(self.color_noise_var)):
+            raise ValueError(f"color_noise_var={self.color_noise_var} must be a finite variance >= 0")
 
     # Fields that do not change a run's result: where files live, how fast they are read, evaluation batching.
     NOT_IDENTITY = ("data_dir", "url", "mirrors", "sha256", "make_npy_files", "eval_batch_size", "num_workers",
                     "cache_workers")
 
+    # Fields that only matter to some datasets: left out of the others' identity.
+    DATASET_ONLY = {"embedded_per_class": ("embedded",), "embedded_test_per_class": ("embedded",),
+                    "embedded_seed": ("embedded",), "color_match": DIGIT_DATASETS,
+                    "color_noise_var": DIGIT_DATASETS, "color_seed": DIGIT_DATASETS}
+
     def identity(self) -> dict:
-        """The settings that define a run's data: every field that changes its result (see NOT_IDENTITY)."""
-        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY}
+        """The settings that define a run's data: every field that changes its result (see NOT_IDENTITY and
+        DATASET_ONLY)."""
+        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY
+                and self.dataset in self.DATASET_ONLY.get(k, (self.dataset,))}
 
     @classmethod
     def paper(cls, **overrides: Any) -> "DataConfig":
         """ModelNet40 front/rear views at 224 px, batch 8 (SPEC Sec. 1 and 6)."""
         return cls(**overrides)
+
+    @classmethod
+    def for_dataset(cls, name: str, **overrides: Any) -> "DataConfig":
+        """The paper's settings for dataset `name`: renders at batch 8 (SPEC Sec. 6), digits at batch 128 (Sec. 10).
+
+        Args:
+            name: one of DATASETS.
+            overrides: further fields.
+        Returns:
+            The config; views, image size and validation share are the dataset's defaults unless overridden.
+        """
+        if name not in DATASETS:
+            raise ValueError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
+        base: dict = dict(dataset=name)
+        if name in DIGIT_DATASETS:
+            base.update(batch_size=128, eval_batch_size=512)
+        return cls(**{**base, **overrides})
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DataConfig":
@@ -99,6 +159,12 @@ class DataConfig:
         """A tiny embedded dataset at 32 px for tests."""
         base = dict(dataset="embedded", image_size=32, batch_size=8,
                     embedded_per_class=12, embedded_test_per_class=4)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def smoke_digits(cls, **overrides: Any) -> "DataConfig":
+        """colored_digits (1,797 scikit-learn digits, built in about a second) at 16 px, batch 32, for tests."""
+        base = dict(dataset="colored_digits", image_size=16, batch_size=32, eval_batch_size=128)
         return cls(**{**base, **overrides})
 
 

@@ -48,7 +48,7 @@ PAPER_MODELNET40 = PAPER_TABLE1["modelnet40"]
 # Which paper column a dataset is compared with (the embedded dataset has none).
 PAPER_COLUMN = {"modelnet40": "modelnet40", "colored_mnist": "colored_mnist", "colored_digits": "colored_mnist"}
 SUMMARY_KEYS = ("acc", "acc0", "acc1", "u_m1_m0", "u_m0_m1", "d_util", "d_speed")
-UNIMODAL = ("unimodal_m0", "unimodal_m1")
+UNIMODAL_ROWS = ("unimodal_m0", "unimodal_m1")
 
 
 def paper_column(dataset: str) -> Optional[Dict[str, dict]]:
@@ -110,7 +110,7 @@ def build_model(algorithm: str, two_branch: nn.Module) -> nn.Module:
     Returns:
         `two_branch` itself, or `UniModalNet.from_two_branch(two_branch, k)` for "unimodal_m{k}".
     """
-    if algorithm in UNIMODAL:
+    if algorithm in UNIMODAL_ROWS:
         return UniModalNet.from_two_branch(two_branch, int(algorithm[-1]))
     return two_branch
 
@@ -317,7 +317,7 @@ def summarize(runs: Sequence[dict], keys: Sequence[str] = SUMMARY_KEYS) -> Dict[
 
 def best_unimodal(table: Mapping[str, dict]) -> Optional[str]:
     """The uni-modal row with the higher mean test accuracy (Table 1's "uni-modal (best)"), or None."""
-    rows = [(table[a]["acc"][0], a) for a in UNIMODAL if a in table and table[a]["acc"][2] > 0]
+    rows = [(table[a]["acc"][0], a) for a in UNIMODAL_ROWS if a in table and table[a]["acc"][2] > 0]
     return max(rows)[1] if rows else None
 
 
@@ -349,7 +349,7 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
         cells = [name, seeds] + [pm(row[k], scale=100, digits=2) for k in ("acc", "acc0", "acc1")]
         cells += [pm(row[k]) for k in ("u_m1_m0", "u_m0_m1", "d_util", "d_speed")]
         if paper:
-            ref = paper.get("unimodal" if alg == best else alg, {}) if alg not in UNIMODAL or alg == best else {}
+            ref = paper.get("unimodal" if alg == best else alg, {}) if alg not in UNIMODAL_ROWS or alg == best else {}
             acc = f"{ref['acc'][0]:.2f} ± {ref['acc'][1]:.2f}" if "acc" in ref else ""
             if alg not in PAPER_ROWS:
                 acc = "(not in the paper)"

@@ -67,6 +67,53 @@ def plot_views(images: np.ndarray, names: Sequence[str], labels: Sequence[str], 
     return fig
 
 
+def plot_pairs(x_colored: np.ndarray, x_gray: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
+               title: str = "colored (m0) and gray (m1) digits", max_pairs: int = 20, columns: int = 10) -> Figure:
+    """Grid of (colored, gray) digit pairs, the colored one above, each titled with its class (SPEC Sec. 10).
+
+    Shown for training digits, the class colors line up with the labels (the shortcut); for test digits they do not.
+
+    Args:
+        x_colored: (N, 3, H, W) m0 images, uint8 (0..255) or float (0..1), e.g. `split.images[:, 0]`.
+        x_gray: (N, 1 or 3, H, W) m1 images, same scale.
+        labels: class index of each pair, N.
+        class_names: names of the classes.
+        title: the figure's title (say which split the pairs come from).
+        max_pairs: pairs to draw (the first ones).
+        columns: pairs per row.
+    Returns:
+        The figure.
+    """
+    x_colored, x_gray = np.asarray(x_colored), np.asarray(x_gray)
+    if x_colored.ndim != 4 or x_colored.shape[1] != 3 or x_gray.ndim != 4 or x_gray.shape[1] not in (1, 3) \
+            or len(x_gray) != len(x_colored) or len(labels) != len(x_colored):
+        raise ValueError(f"x_colored must be (N, 3, H, W), x_gray (N, 1 or 3, H, W) and labels N; got "
+                         f"{x_colored.shape}, {x_gray.shape} and {len(labels)} labels")
+    n = min(max_pairs, len(x_colored))
+    if n < 1:
+        raise ValueError("no pairs to draw")
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    vmax = 255 if x_colored.dtype == np.uint8 else 1.0
+    fig = Figure(figsize=(1.1 * cols + 0.6, 2.2 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(2 * rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        colored = np.clip(x_colored[i].transpose(1, 2, 0) / vmax, 0, 1)  # (H, W, 3) for imshow
+        axes[2 * r, c].imshow(colored)
+        axes[2 * r + 1, c].imshow(x_gray[i, 0], cmap="gray", vmin=0, vmax=vmax)
+        axes[2 * r, c].set_title(str(class_names[int(labels[i])]), fontsize=9)
+    for r in range(rows):
+        axes[2 * r, 0].set_ylabel("m0", fontsize=8)
+        axes[2 * r + 1, 0].set_ylabel("m1", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def plot_learning_curves(histories: Mapping[str, Sequence[dict]]) -> Figure:
     """Training loss and validation accuracy (fused, y0_hat, y1_hat) per epoch for each run.
 

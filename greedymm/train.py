@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,20 @@ def _atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _atomic_link(src: Path, dest: Path) -> None:
+    """Make `dest` a second name of the file `src` (a copy where hard links are not supported), atomically.
+
+    `src` is later replaced by rename, which gives it a new file and leaves this one as it is.
+    """
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
@@ -636,8 +651,9 @@ class Trainer:
         improved = self.val_loader is None or self.best is None or record["val_acc"] > self.best["val_acc"]
         if improved:
             self.best = record
-            self.save("best")
-        self.save("last")
+        last = self.save("last")
+        if improved:  # the same state: link it rather than serialise it twice
+            _atomic_link(last, self.ckpt_dir / "best.pt")
         if self.callback:
             self.callback("epoch", record)
 

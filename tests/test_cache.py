@@ -1,9 +1,11 @@
 """Tests of the .npy cache (greedymm/cache.py): pixels, labels, manifest, errors, staleness, atomicity."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +88,7 @@ def test_cache_equals_source_pixels(tree, tmp_path):
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_two_workers_give_the_same_cache(tree, tmp_path, monkeypatch, start_method):
     if start_method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {start_method} on this platform")
@@ -97,6 +99,22 @@ def test_two_workers_give_the_same_cache(tree, tmp_path, monkeypatch, start_meth
     for split in ("train", "test"):
         np.testing.assert_array_equal(open_split(one, split).images, open_split(two, split).images)
     assert read_manifest(one)["source"]["fingerprint"] == read_manifest(two)["source"]["fingerprint"]
+
+
+def test_workers_never_fork_and_never_import_torch(tree, tmp_path):
+    assert cache_module.START_METHOD == ("forkserver" if sys.platform.startswith("linux") else "spawn")
+    root, _ = tree
+    context = multiprocessing.get_context(cache_module.START_METHOD)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        files = [sorted(str(p) for p in (root / "bed" / "train").glob("bed_0001.*"))]
+        path = tmp_path / "one.npy"
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(1, 12, 1, SIZE, SIZE))
+        ref = (files[0][0], (SIZE, SIZE))
+        assert pool.submit(cache_module._fill_chunk, str(path), 0, files, 1, (SIZE, SIZE), ref).result()
+        loaded = pool.submit(eval, "sorted(m for m in __import__('sys').modules if m.split('.')[0] == 'torch' "
+                                   "or m.startswith('greedymm'))").result()
+    assert "greedymm.data.cache" in loaded and not [m for m in loaded if m.startswith("torch")]
+    np.testing.assert_array_equal(np.load(path)[0, :, 0], np.stack([view_pixels(3, v) for v in range(12)]))
 
 
 def test_colour_renders_give_three_channels(tmp_path):
@@ -234,8 +252,10 @@ def test_write_cache_round_trip(tmp_path):
 def test_write_cache_rejects_bad_input(tmp_path):
     images = np.zeros((2, 12, 1, 4, 4), np.uint8)
     good = (images, np.array([0, 1]), ["a", "b"])
-    with pytest.raises(ValueError, match="exactly"):
+    with pytest.raises(ValueError, match="train and test are required, val is optional"):
         write_cache(tmp_path, {"train": good}, ["x", "y"], {})
+    with pytest.raises(ValueError, match="train and test are required, val is optional"):
+        write_cache(tmp_path, {"train": good, "test": good, "valid": good}, ["x", "y"], {})
     with pytest.raises(ValueError, match="uint8"):
         write_cache(tmp_path, {"train": good, "test": (images.astype(np.float32),) + good[1:]}, ["x", "y"], {})
     with pytest.raises(ValueError, match="labels must be in 0..1"):
@@ -245,5 +265,49 @@ def test_write_cache_rejects_bad_input(tmp_path):
     assert read_manifest(tmp_path) is None
     with pytest.raises(FileNotFoundError, match="not a complete cache"):
         open_split(tmp_path, "train")
-    with pytest.raises(ValueError, match="allowed: train, test"):
-        open_split(tmp_path, "val")
+    with pytest.raises(ValueError, match="allowed: train, val, test"):
+        open_split(tmp_path, "valid")
+    with pytest.raises(ValueError, match=r"train images \(2, 12, 1, 4, 4\) and test images \(2, 2, 1, 4, 4\) differ"):
+        write_cache(tmp_path, {"train": good, "test": (images[:, :2],) + good[1:]}, ["x", "y"], {})
+    with pytest.raises(ValueError, match="extras must give the same lower-case keys"):
+        write_cache(tmp_path, {"train": good, "test": good}, ["x", "y"], {}, extras={"train": {"c": np.zeros(2)}})
+    with pytest.raises(ValueError, match="test extra 'c' has 1 rows; expected 2"):
+        write_cache(tmp_path, {"train": good, "test": good}, ["x", "y"], {},
+                    extras={"train": {"c": np.zeros(2)}, "test": {"c": np.zeros(1)}})
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_two_views_a_stored_val_split_and_extras(tmp_path, tree):
+    rng = np.random.default_rng(1)
+    splits = {s: (rng.integers(0, 256, (n, 2, 3, 5, 5), dtype=np.uint8), np.arange(n) % 2,
+                  [f"{s}_{i}" for i in range(n)]) for s, n in (("train", 7), ("val", 3), ("test", 2))}
+    extras = {s: {"color": rng.random((len(v[1]), 3)).astype(np.float32), "color_class": v[1][::-1].copy()}
+              for s, v in splits.items()}
+    cache = write_cache(tmp_path / "c", splits, ["a", "b"], {"kind": "digits"}, extras=extras)
+    m = read_manifest(cache)
+    assert m["splits"] == ["train", "val", "test"] and m["views"] == 2 and m["extras"] == ["color", "color_class"]
+    assert m["counts"] == {"train": 7, "val": 3, "test": 2} and m["shape"]["val"] == [3, 2, 3, 5, 5]
+    for split, (images, labels, names) in splits.items():
+        s = open_split(cache, split)
+        np.testing.assert_array_equal(s.images, images)
+        assert s.names == names and s.labels.tolist() == labels.tolist()
+        for key, value in extras[split].items():
+            np.testing.assert_array_equal(s.extras[key], value)
+    assert cache_is_current(cache, {"splits": ["train", "val", "test"]})
+    (cache / "val_color.npy").unlink()
+    assert not cache_is_current(cache, {})  # an extra is missing
+    (cache / "val_images.npy").unlink()
+    assert not cache_is_current(cache, {})
+    # A render cache holds train and test only, 12 views, no extras.
+    root, _ = tree
+    renders = build_cache(root, tmp_path / "r", CLASSES, workers=1, progress=False)
+    assert read_manifest(renders)["splits"] == ["train", "test"] and read_manifest(renders)["views"] == 12
+    assert open_split(renders, "train").extras == {}
+    with pytest.raises(ValueError, match=r"split='val' is not stored in the cache .*; it holds train, test"):
+        open_split(renders, "val")
+    # A cache written before "splits" and "views" were recorded is still current and readable.
+    old = read_manifest(renders)
+    for key in ("splits", "views", "extras"):
+        del old[key]
+    (renders / "manifest.json").write_text(json.dumps(old))
+    assert cache_is_current(renders, {"classes": list(CLASSES)}) and len(open_split(renders, "test").names) == 4

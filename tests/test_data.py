@@ -152,11 +152,7 @@ def test_memmap_source_pickles_by_file_name(tmp_path):
     assert len(pickle.dumps(loader._source)) < 10_000  # the file name travels, not the pixels
     np.testing.assert_array_equal(source.images, images)
     expected = all_batches(loader)
-    workers = TwoViewLoader(split.images, split.labels, np.arange(5, 30), batch_size=4, shuffle=True, augment=True,
-                            num_workers=2)
-    got = all_batches(workers)
-    assert len(got) == len(expected) == 7
-    assert all(all(torch.equal(s, t) for s, t in zip(p, q)) for p, q in zip(expected, got))
+    assert all(all(torch.equal(s, t) for s, t in zip(p, q)) for p, q in zip(expected, [source[0, b] for b in range(7)]))
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -200,3 +196,92 @@ def test_build_loaders(tmp_path, monkeypatch):
     assert sorted(torch.cat([y for _, _, y in loaders.train]).tolist()) == sorted((train_idx % 3).tolist())
     x0, x1, y = next(iter(loaders.test))
     assert x0.shape == (6, 3, 8, 8) and y.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_identical_views_share_the_image_and_the_flip():
+    images, labels = coded_images(200), np.zeros(200)
+    loader = TwoViewLoader(images, labels, views=(6, 6), batch_size=16, shuffle=True, augment=True, seed=4,
+                           output="uint8")
+    flips = []
+    for x0, x1, _ in loader:
+        assert torch.equal(x0, x1)
+        view, flipped, _ = decode(x0)
+        assert (view == 6).all()
+        flips.append(flipped)
+    assert 0.4 < torch.cat(flips).double().mean().item() < 0.6  # flipped, both views alike
+    float0, float1, _ = next(iter(TwoViewLoader(images, labels, views=(6, 6), batch_size=16, augment=True)))
+    assert torch.equal(float0, float1)
+    # The device path (CUDA) gets the flips from the source: the same row twice.
+    source = TwoViewLoader(images, labels, views=(6, 6), batch_size=64, augment=True)._source
+    source.finish = False
+    _, device_flips, _ = source[0, 0]
+    assert torch.equal(device_flips[0], device_flips[1]) and device_flips[0].any() and not device_flips[0].all()
+    distinct = TwoViewLoader(images, labels, views=(0, 6), batch_size=64, augment=True)._source
+    distinct.finish = False
+    assert not torch.equal(distinct[0, 0][1][0], distinct[0, 0][1][1])
+
+
+def test_channels_and_normalisation_per_view():
+    images = coded_images(6, channels=3)
+    images[:, 1, 1:] = images[:, 1, :1]  # view 1 gray: three equal channels (as the digit caches store it)
+    images[:, 0, 1] //= 2
+    labels = np.zeros(6)
+    x0, x1, _ = next(iter(TwoViewLoader(images, labels, views=(0, 1), batch_size=6, channels=(3, 1),
+                                        mean=(0.5,), std=(0.25,))))
+    assert x0.shape == (6, 3, H, W) and x1.shape == (6, 1, H, W) and x0.is_contiguous() and x1.is_contiguous()
+    assert x0[2, 1, 0, 3].item() == pytest.approx(((16 * 0 + 3) // 2 / 255 - 0.5) / 0.25, abs=1e-6)
+    assert x1[2, 0, 0, 3].item() == pytest.approx(((16 * 1 + 3) / 255 - 0.5) / 0.25, abs=1e-6)
+    assert x1[4, 0, 1, 0].item() == pytest.approx((4 / 255 - 0.5) / 0.25, abs=1e-6)  # object id 4 in rows 1..
+    u0, u1, _ = next(iter(TwoViewLoader(images, labels, views=(0, 1), batch_size=6, channels=(3, 1),
+                                        mean=(0.5,), std=(0.25,), output="uint8")))
+    assert u0.shape == (6, 3, H, W) and u1.shape == (6, 1, H, W)
+    np.testing.assert_array_equal(u1.numpy(), images[:, 1, :1])
+    g0, g1, _ = next(iter(TwoViewLoader(coded_images(6), labels, views=(0, 1), batch_size=6, channels=(1, 3),
+                                        mean=(0.0,), std=(1.0,))))
+    assert g0.shape == (6, 1, H, W) and g1.shape == (6, 3, H, W)
+    assert torch.equal(g1[:, 0], g1[:, 2]) and g1[0, 1, 0, 5].item() == pytest.approx((16 + 5) / 255, abs=1e-6)
+    with pytest.raises(ValueError, match=r"channels=\(3, 2\) must give 1 or 3"):
+        TwoViewLoader(images, labels, channels=(3, 2))
+    with pytest.raises(ValueError, match="3-channel views only"):
+        TwoViewLoader(images, labels, views=(0, 1), channels=(3, 1))  # ImageNet's 3 means on a 1-channel view
+
+
+def test_build_loaders_uses_a_stored_validation_split(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    splits = {s: (rng.integers(0, 256, (n, 2, 3, 8, 8), dtype=np.uint8), np.arange(n) % 2,
+                  [f"{s}_{i}" for i in range(n)]) for s, n in (("train", 20), ("val", 6), ("test", 4))}
+    cache = write_cache(tmp_path / "c", splits, ["a", "b"], {"kind": "test"})
+    monkeypatch.setattr(data, "prepare_data", lambda cfg, progress=True: cache)
+    cfg = DataConfig.smoke_digits(data_dir=str(tmp_path), batch_size=4, eval_batch_size=6)
+    loaders = build_loaders(cfg, "cpu", seed=0)
+    assert loaders.sizes == {"train": 20, "val": 6, "test": 4} and loaders.channels == (3, 1)
+    assert np.array_equal(loaders.train_eval.indices, np.arange(20))  # the whole train split is D_train
+    assert not loaders.train.augment  # digits are never flipped
+    x0, x1, y = next(iter(loaders.val))
+    hand = (splits["val"][0][:, 1, :1].astype(np.float64) / 255 - 0.1307) / 0.3081
+    np.testing.assert_allclose(x1.numpy(), hand, atol=1e-5)  # the stored val split, not a part of train
+    assert x0.shape == (6, 3, 8, 8) and y.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_persistent_workers_across_epochs_and_resume(tmp_path):
+    images, labels = coded_images(40), np.arange(40) % 3
+    cache = write_cache(tmp_path / "c", {"train": (images, labels, [str(i) for i in range(40)]),
+                                         "test": (images[:2], labels[:2], ["a", "b"])}, ["x", "y", "z"], {})
+    split = open_split(cache, "train")
+    kw = dict(batch_size=6, shuffle=True, augment=True, seed=5)
+    serial = TwoViewLoader(split.images, split.labels, **kw)
+    expected = [all_batches(serial) for _ in range(2)]
+    workers = TwoViewLoader(split.images, split.labels, num_workers=2, **kw)  # batches come back in order
+    assert workers.start_method == data.START_METHOD != "fork"
+    got = [all_batches(workers)]
+    pids = [w.pid for w in workers._workers._iterator._workers]
+    assert len(pids) == 2
+    got.append(all_batches(workers))  # epoch 1: other order and flips, the same worker process
+    assert [w.pid for w in workers._workers._iterator._workers] == pids
+    for e in range(2):
+        assert all(all(torch.equal(s, t) for s, t in zip(p, q)) for p, q in zip(expected[e], got[e]))
+    assert not torch.equal(got[0][0][2], got[1][0][2])
+    workers.set_epoch(1, start_batch=4)
+    resumed = all_batches(workers)
+    assert len(resumed) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(expected[1][4:], resumed))
+    assert pickle.loads(pickle.dumps(workers))._workers is None  # a loader travels without its processes

@@ -526,6 +526,20 @@ def test_identity_leaves_out_what_does_not_change_a_run():
     assert DataConfig(num_workers=0).identity() == DataConfig(num_workers=4, data_dir="x").identity()
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dataset="cifar"), "dataset='cifar' is unknown; allowed: modelnet40, embedded"),
+    (dict(views=(0, 12)), "each view index must be in 0..11"),
+    (dict(views=(1, 2, 3)), "exactly two view indices"),
+    (dict(batch_size=0), "batch_size=0 must be at least 1"),
+    (dict(val_fraction=1.0), "val_fraction=1.0 must be strictly between 0 and 1"),
+    (dict(image_size=4), "image_size=4 must be between 8 and 1024"),
+    (dict(num_workers=-1), "num_workers=-1 must be 0 or more"),
+])
+def test_bad_data_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DataConfig(**kwargs)
+
+
 def test_presets():
     paper = TrainConfig.paper()
     assert (paper.lr, paper.momentum, paper.weight_decay, paper.max_epochs) == (0.1, 0.0, 0.0, 300)

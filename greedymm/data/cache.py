@@ -1,7 +1,9 @@
-"""The memory-mappable .npy cache of the multi-view renders (SPEC Sec. 1).
+"""The memory-mappable .npy cache of the multi-view datasets (SPEC Sec. 1 and 10).
 
-Owns the cache format: `{split}_images.npy` (N, 12, C, H, W) uint8, `{split}_labels.npy`, `{split}_names.json`
-and `manifest.json` (written last; a cache is complete only when its manifest exists and matches).
+Owns the cache format: per split (train, test and an optional stored val) `{split}_images.npy` (N, V, C, H, W)
+uint8 with V views per object (12 renders, 2 digits), `{split}_labels.npy`, `{split}_names.json`, optional
+per-object extras `{split}_{key}.npy`, and `manifest.json` (written last; a cache is complete only when its manifest
+exists and matches).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import re
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,16 +30,20 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 NUM_VIEWS = 12  # views per object in a render tree (the MVCNN layout)
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # in every cache
+ALL_SPLITS = ("train", "val", "test")  # "val": a stored validation split (else one is carved from train)
 MANIFEST = "manifest.json"
 # `{class}_{NNNN}.obj.shaded_v{001..012}.png` -> object name `{class}_{NNNN}` (also `name_v001.png`).
 _VIEW_FILE = re.compile(r"^(?P<obj>.+?)(?:\.(?:obj|off))?[._](?:shaded_)?v\d+\.png$", re.IGNORECASE)
-_TMP_FILE = re.compile(r"^\.(?:train|test)_(?:images\.npy|labels\.npy|names\.json)\.[0-9a-f]+\.tmp$")
+_TMP_FILE = re.compile(r"^\.(?:train|val|test)_\w+\.(?:npy|json)\.[0-9a-f]+\.tmp$")
+_EXTRA_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-# Linux: fork starts workers in milliseconds (spawn and forkserver re-import the caller's main script, torch
-# included, in every worker) and is safe here, as for torch's DataLoader: workers touch only numpy and PIL, never
-# torch, CUDA, tqdm or stdout. Elsewhere spawn (fork is unsafe on macOS): tasks are plain, picklable data.
-START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+# Worker processes are never forked from the caller: forking a process where torch already runs threads can deadlock
+# (Python 3.12+ warns). Linux: forkserver (workers fork from a clean server process, started once); elsewhere spawn.
+# A worker imports the module of its task (numpy, PIL; never torch: greedymm.data imports lazily) and, by Python's
+# rule, re-runs the top level of the caller's main script: nothing in a notebook (the kernel's launcher), a script's
+# imports otherwise. Tasks are plain, picklable data.
+START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 _CHUNK_OBJECTS = 16  # most objects per worker task: small enough for a smooth progress bar
 
 
@@ -47,13 +53,14 @@ class CacheError(ValueError):
 
 @dataclass
 class CacheSplit:
-    """One split of a cache: images (N, 12, C, H, W) uint8 memmap, labels (N,) int64, N names."""
+    """One split of a cache: images (N, V, C, H, W) uint8 memmap, labels (N,) int64, N names, extras (N, ...)."""
 
     images: np.ndarray
     labels: np.ndarray
     names: List[str]
     classes: List[str]
     manifest: dict
+    extras: Dict[str, np.ndarray] = field(default_factory=dict)  # e.g. the digits' "color_class" (N,)
 
 
 def _files(split: str) -> Dict[str, str]:
@@ -66,6 +73,11 @@ def read_manifest(cache_dir: Path) -> Optional[dict]:
         return json.loads((Path(cache_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+
+
+def manifest_splits(manifest: dict) -> List[str]:
+    """The splits a manifest vouches for, in ALL_SPLITS order (caches without the key hold train and test)."""
+    return list(manifest.get("splits", SPLITS))
 
 
 def _matches(expected: object, actual: object) -> bool:
@@ -95,7 +107,7 @@ def cache_is_current(cache_dir: Path, expected: dict) -> bool:
         log.info("cache %s is stale: its manifest differs from what is expected", cache_dir)
         return False
     try:
-        for split in SPLITS:
+        for split in manifest_splits(manifest):
             files = _files(split)
             images = np.load(cache_dir / files["images"], mmap_mode="r")
             labels = np.load(cache_dir / files["labels"], mmap_mode="r")
@@ -103,6 +115,9 @@ def cache_is_current(cache_dir: Path, expected: dict) -> bool:
                 return False
             if not (cache_dir / files["names"]).is_file():
                 return False
+            for key in manifest.get("extras", []):
+                if np.load(cache_dir / f"{split}_{key}.npy", mmap_mode="r").shape[:1] != labels.shape:
+                    return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return True
@@ -113,24 +128,49 @@ def open_split(cache_dir: Path, split: str) -> CacheSplit:
 
     Args:
         cache_dir: the cache folder.
-        split: "train" or "test".
+        split: "train", "test", or "val" where the cache stores a validation split (see `manifest_splits`).
     Returns:
-        The split's images (N, 12, C, H, W) memmap, labels, names, the class names and the manifest.
+        The split's images (N, V, C, H, W) memmap, labels, names, the class names, the manifest and the extras.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is unknown; allowed: {', '.join(SPLITS)}")
+    if split not in ALL_SPLITS:
+        raise ValueError(f"split={split!r} is unknown; allowed: {', '.join(ALL_SPLITS)}")
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     if manifest is None:
         raise FileNotFoundError(f"{cache_dir / MANIFEST} is missing or unreadable: "
                                 f"{cache_dir} is not a complete cache")
+    if split not in manifest_splits(manifest):
+        raise ValueError(f"split={split!r} is not stored in the cache {cache_dir}; it holds "
+                         f"{', '.join(manifest_splits(manifest))}")
     files = _files(split)
     images = np.load(cache_dir / files["images"], mmap_mode="r")
     labels = np.load(cache_dir / files["labels"])
     names = json.loads((cache_dir / files["names"]).read_text())
-    if list(images.shape) != list(manifest["shape"][split]) or not len(labels) == len(names) == images.shape[0]:
+    extras = {key: np.load(cache_dir / f"{split}_{key}.npy") for key in manifest.get("extras", [])}
+    if list(images.shape) != list(manifest["shape"][split]) or not len(labels) == len(names) == images.shape[0] \
+            or any(len(a) != len(labels) for a in extras.values()):
         raise CacheError(f"cache {cache_dir}: the {split} files disagree with {MANIFEST}; rebuild it")
-    return CacheSplit(images, labels.astype(np.int64, copy=False), names, list(manifest["classes"]), manifest)
+    return CacheSplit(images, labels.astype(np.int64, copy=False), names, list(manifest["classes"]), manifest,
+                      extras)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The fixed seeded validation split of the n training objects (SPEC Sec. 1).
+
+    Args:
+        n: number of training objects (at least 2).
+        val_fraction: share held out for validation, in (0, 1); rounded, at least 1 and at most n - 1 objects.
+        seed: seed of the shuffle.
+    Returns:
+        (train, val): sorted int64 index arrays, disjoint, together 0..n-1; train is D_train.
+    """
+    if n < 2:
+        raise ValueError(f"n={n}: at least 2 training objects are needed to hold out a validation split")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
+    n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
 
 
 class _Staging:
@@ -165,15 +205,19 @@ class _Staging:
         self.paths.clear()
 
 
-def _manifest(classes: Sequence[str], shapes: Dict[str, tuple], source: dict) -> dict:
-    _, _, c, h, w = shapes["train"]
+def _manifest(classes: Sequence[str], shapes: Dict[str, tuple], source: dict, extras: Sequence[str] = ()) -> dict:
+    _, v, c, h, w = shapes["train"]
+    splits = [s for s in ALL_SPLITS if s in shapes]
     return {
         "format_version": FORMAT_VERSION,
         "classes": list(classes),
-        "counts": {s: int(shapes[s][0]) for s in SPLITS},
-        "shape": {s: [int(d) for d in shapes[s]] for s in SPLITS},
+        "splits": splits,
+        "counts": {s: int(shapes[s][0]) for s in splits},
+        "shape": {s: [int(d) for d in shapes[s]] for s in splits},
+        "views": int(v),
         "channels": int(c),
         "image_size": int(h) if h == w else [int(h), int(w)],
+        "extras": list(extras),
         "source": source,
     }
 
@@ -186,41 +230,60 @@ def _write_meta(staging: _Staging, split: str, labels: np.ndarray, names: Sequen
 
 
 def write_cache(cache_dir: Path, splits: Dict[str, Tuple[np.ndarray, np.ndarray, List[str]]],
-                classes: Sequence[str], source: dict) -> Path:
-    """Atomically write a complete cache from in-memory arrays (used by the embedded dataset).
+                classes: Sequence[str], source: dict,
+                extras: Optional[Dict[str, Dict[str, np.ndarray]]] = None) -> Path:
+    """Atomically write a complete cache from in-memory arrays (used by the embedded and digit datasets).
 
     Args:
         cache_dir: the cache folder (created if needed; other files in it are left alone).
-        splits: {"train": (images, labels, names), "test": (...)}, images (N, 12, C, H, W) uint8 with C in
-            {1, 3}, labels (N,) class indices, names N object names.
+        splits: {"train": (images, labels, names), "test": (...)} and optionally "val" (a stored validation
+            split), images (N, V, C, H, W) uint8 with the same V >= 1, C in {1, 3}, H and W in every split,
+            labels (N,) class indices, names N object names.
         classes: the class names; a label is an index into them.
         source: what the cache was built from, recorded in the manifest.
+        extras: optional per-object arrays, {split: {key: array (N, ...)}}, the same keys for every split
+            (lower-case names); read back as `CacheSplit.extras`.
     Returns:
         cache_dir.
     """
-    if set(splits) != set(SPLITS):
-        raise ValueError(f"splits has keys {sorted(splits)}; exactly {list(SPLITS)} are required")
+    if not set(SPLITS) <= set(splits) <= set(ALL_SPLITS):
+        raise ValueError(f"splits has keys {sorted(splits)}; {' and '.join(SPLITS)} are required, val is "
+                         "optional, nothing else is allowed")
+    extras = extras or {}
+    keys = sorted(next(iter(extras.values()), {}))
+    if extras and (set(extras) != set(splits) or any(sorted(e) != keys for e in extras.values())
+                   or not all(_EXTRA_KEY.match(k) and k not in ("images", "labels", "names") for k in keys)):
+        raise ValueError(f"extras must give the same lower-case keys (not images, labels, names) for every split "
+                         f"{sorted(splits)}; got {({s: sorted(e) for s, e in extras.items()})}")
     shapes = {}
     for split, (images, labels, names) in splits.items():
         images, labels = np.asarray(images), np.asarray(labels)
-        if images.dtype != np.uint8 or images.ndim != 5 or images.shape[1:3] not in ((NUM_VIEWS, 1), (NUM_VIEWS, 3)):
+        if images.dtype != np.uint8 or images.ndim != 5 or images.shape[1] < 1 or images.shape[2] not in (1, 3):
             raise ValueError(f"{split} images are {images.dtype} {images.shape}; "
-                             f"expected uint8 (N, {NUM_VIEWS}, C, H, W) with C = 1 or 3")
+                             f"expected uint8 (N, V, C, H, W) with V >= 1 views and C = 1 or 3")
         n = images.shape[0]
         if labels.shape != (n,) or len(names) != n:
             raise ValueError(f"{split}: {n} images but labels of shape {labels.shape} and {len(names)} names")
         if n and (labels.min() < 0 or labels.max() >= len(classes)):
             raise ValueError(f"{split} labels must be in 0..{len(classes) - 1} (indices into classes)")
+        for key in keys:
+            if len(extras[split][key]) != n:
+                raise ValueError(f"{split} extra {key!r} has {len(extras[split][key])} rows; expected {n}")
         shapes[split] = images.shape
-    if shapes["train"][2:] != shapes["test"][2:]:
-        raise ValueError(f"train images {shapes['train']} and test images {shapes['test']} differ in (C, H, W)")
+    for split in splits:
+        if shapes[split][1:] != shapes["train"][1:]:
+            raise ValueError(f"train images {shapes['train']} and {split} images {shapes[split]} differ in "
+                             "(V, C, H, W)")
     staging = _Staging(cache_dir)
     try:
         for split, (images, labels, names) in splits.items():
             with open(staging.path(_files(split)["images"]), "wb") as f:
                 np.save(f, np.ascontiguousarray(images))
             _write_meta(staging, split, labels, names)
-        return staging.commit(_manifest(classes, shapes, source))
+            for key in keys:
+                with open(staging.path(f"{split}_{key}.npy"), "wb") as f:
+                    np.save(f, np.asarray(extras[split][key]))
+        return staging.commit(_manifest(classes, shapes, source, keys))
     finally:
         staging.discard()
 

@@ -56,8 +56,8 @@ def _check_free(folder: Path, needed: int, what: str) -> None:
                                   f"GiB, {free / 2**30:.2f} GiB free")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm, usedforsecurity=False)  # md5 is an integrity check here, allowed under FIPS too
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -129,13 +129,14 @@ def _fetch(url: str, part: Path, timeout: float, chunk_size: int, progress: bool
 
 
 def download(urls: Sequence[str], dest: Path, sha256: Optional[str] = None, timeout: float = 30,
-             retries: int = 5, backoff: float = 1.0, chunk_size: int = 1 << 20, progress: bool = True) -> Path:
+             retries: int = 5, backoff: float = 1.0, chunk_size: int = 1 << 20, progress: bool = True,
+             md5: Optional[str] = None) -> Path:
     """Download the first URL that works to `dest`, resuming partial downloads.
 
     The bytes go to `dest` + ".part" (kept between runs, continued with an HTTP Range request) and are renamed to
     `dest` only once complete and verified. Connection errors, timeouts, 5xx answers and short reads are retried
     with exponential back-off; a try that delivered new bytes does not use up a retry. A file whose size cannot
-    match the announced one (or that keeps coming up short) or whose sha256 differs is deleted.
+    match the announced one (or that keeps coming up short) or whose sha256 or md5 differs is deleted.
 
     Args:
         urls: URLs tried in order.
@@ -146,6 +147,7 @@ def download(urls: Sequence[str], dest: Path, sha256: Optional[str] = None, time
         backoff: seconds before the first retry, doubled after each.
         chunk_size: bytes per read.
         progress: tqdm bar in bytes.
+        md5: expected hex digest (the checksums torchvision publishes), or None to skip the check.
     Returns:
         `dest`.
     Raises:
@@ -168,10 +170,11 @@ def download(urls: Sequence[str], dest: Path, sha256: Optional[str] = None, time
                 total = _fetch(url, part, timeout, chunk_size, progress)
                 if total < 0:
                     log.warning("%s did not announce its size: the download cannot be checked for completeness", url)
-                if sha256 is not None:
-                    digest = _sha256(part)
-                    if digest.lower() != sha256.lower():
-                        raise _Mismatch(f"sha256 of the download is {digest}, expected {sha256.lower()}")
+                for algorithm, expected in (("sha256", sha256), ("md5", md5)):
+                    if expected is not None:
+                        digest = _digest(part, algorithm)
+                        if digest.lower() != expected.lower():
+                            raise _Mismatch(f"{algorithm} of the download is {digest}, expected {expected.lower()}")
                 os.replace(part, dest)
                 log.info("downloaded %s to %s (%d bytes)", url, dest, _size(dest))
                 return dest

@@ -1,9 +1,13 @@
-"""Two-view batches from the .npy cache (SPEC Sec. 1): m0 = view 0 (front), m1 = view 6 (rear), a fixed seeded
-20% validation split, ImageNet normalisation and a random horizontal flip drawn independently per view.
+"""Two-view batches from the .npy cache (SPEC Sec. 1, 10, 11): the chosen views as m0 and m1 (renders: front and
+rear, ImageNet-normalised, a random horizontal flip drawn independently per view; digits: the colored digit (3
+channels) and the gray digit (1 channel), no flip), a fixed validation split, and preparing the data safely when
+several processes ask for it at once.
 """
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -12,27 +16,64 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import DataConfig
-from .cache import build_cache, cache_is_current, open_split, read_manifest
+from ..config import DIGIT_DATASETS, DataConfig
+from .cache import (START_METHOD, CacheSplit, build_cache, cache_is_current, manifest_splits, open_split,
+                    read_manifest, split_indices)
 from .modelnet import MODELNET40_CLASSES
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# MNIST's gray-level mean and std (on 0..1), the usual MNIST normalisation, applied to every channel of both digit
+# views: one affine map for all splits and both modalities, so colored = gray x color still holds after it.
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
 OUTPUTS = ("float", "uint8")
+LOCK_NAME = ".prepare.lock"  # in data_dir: one process at a time downloads and builds caches there
 _ORDER_KEY, _FLIP_KEY = 0, 1  # high word of the Philox key: the order and flip streams never coincide
 
 
+@dataclass(frozen=True)
+class InputFormat:
+    """How a dataset's views reach the model."""
+
+    view_channels: Optional[Tuple[int, ...]]  # channels delivered per view index; None: 3 for every view
+    mean: Tuple[float, ...]  # per channel (3 values) or for all channels (1), on the 0..1 scale
+    std: Tuple[float, ...]
+    flip: bool  # random horizontal flip in training
+
+    def channels(self, views: Sequence[int]) -> Tuple[int, int]:
+        """Channels of x0 and x1 for the chosen views."""
+        return tuple(3 if self.view_channels is None else self.view_channels[v] for v in views)
+
+
+RENDERS = InputFormat(None, IMAGENET_MEAN, IMAGENET_STD, flip=True)  # gray renders repeated to 3 channels
+DIGITS = InputFormat((3, 1), MNIST_MEAN, MNIST_STD, flip=False)  # a flipped digit is another glyph: no flip
+INPUT_FORMATS = {"modelnet40": RENDERS, "embedded": RENDERS, "colored_mnist": DIGITS, "colored_digits": DIGITS}
+
+
 def cache_dir_for(cfg: DataConfig) -> Path:
-    """The cache folder of a data config: `{data_dir}/npy_{size}px` or `{data_dir}/embedded_npy_{size}px`."""
-    prefix = "embedded_npy" if cfg.dataset == "embedded" else "npy"
+    """The cache folder: `{data_dir}/npy_{size}px` (ModelNet40), else `{data_dir}/{dataset}_npy_{size}px`."""
+    prefix = "npy" if cfg.dataset == "modelnet40" else f"{cfg.dataset}_npy"
     return Path(cfg.data_dir) / f"{prefix}_{cfg.image_size}px"
+
+
+def _stamp(cache_dir: Path) -> Optional[Tuple[int, int, int]]:
+    """Identity of a cache's manifest (inode, size, mtime): a build replaces it."""
+    try:
+        st = os.stat(Path(cache_dir) / "manifest.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
     """Download and cache the data as needed; `cfg.make_npy_files` forces the cache to be rebuilt.
 
+    Safe when several processes (study workers, Ray tasks on one node) call it at once: they take turns on a file
+    lock in `data_dir` (LOCK_NAME), so the data is downloaded and cached once and the others reuse it. With
+    `make_npy_files`, a cache that another process built while this one waited counts as rebuilt.
     A complete ModelNet40 cache whose source renders were deleted afterwards is used as it is.
 
     Args:
@@ -41,42 +82,69 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
     Returns:
         The cache folder (see `cache_dir_for`).
     """
+    from filelock import FileLock, Timeout  # installed with torch
+
     cache_dir = cache_dir_for(cfg)
+    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    before = _stamp(cache_dir)
+    lock = FileLock(str(Path(cfg.data_dir) / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process preparing the data in %s", cfg.data_dir)
+        lock.acquire()
+    try:
+        force = cfg.make_npy_files and (_stamp(cache_dir) == before or _stamp(cache_dir) is None)
+        return _prepare(cfg, cache_dir, force, progress)
+    finally:
+        lock.release()
+
+
+def _prepare(cfg: DataConfig, cache_dir: Path, force: bool, progress: bool) -> Path:
     if cfg.dataset == "embedded":
         from . import embedded  # imported here: only this dataset needs it
 
-        return embedded.build_embedded_cache(cfg, cache_dir, force=cfg.make_npy_files, progress=progress)
-    if not cfg.make_npy_files:
+        return embedded.build_embedded_cache(cfg, cache_dir, force=force, progress=progress)
+    if cfg.dataset in DIGIT_DATASETS:
+        from . import digits  # imported here: only these datasets need it
+
+        return digits.build_digits_cache(cfg, cache_dir, force=force, progress=progress)
+    if not force:
         manifest = read_manifest(cache_dir) or {}
         root = manifest.get("source", {}).get("root")
         expected = {"classes": list(MODELNET40_CLASSES), "image_size": cfg.image_size, "source": {"kind": "png_tree"}}
         if root and not Path(root).exists() and cache_is_current(cache_dir, expected):
             log.info("using the cache in %s (its source renders %s are gone)", cache_dir, root)
             return cache_dir
-    from .modelnet import ensure_modelnet  # imported here: the embedded dataset never downloads
+    from .modelnet import ensure_modelnet  # imported here: the other datasets never download renders
 
     image_root = ensure_modelnet(cfg, progress=progress)
     return build_cache(image_root, cache_dir, MODELNET40_CLASSES, image_size=cfg.image_size,
-                       force=cfg.make_npy_files, workers=cfg.cache_workers, progress=progress)
+                       force=force, workers=cfg.cache_workers, progress=progress)
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The fixed seeded validation split of the n training objects (SPEC Sec. 1).
+def dataset_splits(cache_dir: Path, val_fraction: float, split_seed: int) -> Dict[str, Tuple[CacheSplit, np.ndarray]]:
+    """The cache splits and object indices of D_train, validation and test.
+
+    Where the cache stores a "val" split (the digits: their validation colors differ from the training ones), it is
+    the validation set and the whole "train" split is D_train; else a fixed seeded `val_fraction` of "train" is held
+    out (`split_indices`, SPEC Sec. 1).
 
     Args:
-        n: number of training objects (at least 2).
-        val_fraction: share held out for validation, in (0, 1); rounded, at least 1 and at most n - 1 objects.
-        seed: seed of the shuffle.
+        cache_dir: a complete cache.
+        val_fraction, split_seed: the held-out share and its seed, for caches without a stored "val" split.
     Returns:
-        (train, val): sorted int64 index arrays, disjoint, together 0..n-1; train is D_train.
+        {"train": (split, indices), "val": (...), "test": (...)}, indices sorted int64 into the split's objects.
     """
-    if n < 2:
-        raise ValueError(f"n={n}: at least 2 training objects are needed to hold out a validation split")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
-    n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+    def every(split: CacheSplit) -> np.ndarray:
+        return np.arange(len(split.labels), dtype=np.int64)
+
+    train, test = open_split(cache_dir, "train"), open_split(cache_dir, "test")
+    if "val" in manifest_splits(train.manifest):
+        val = open_split(cache_dir, "val")
+        return {"train": (train, every(train)), "val": (val, every(val)), "test": (test, every(test))}
+    train_idx, val_idx = split_indices(len(train.labels), val_fraction, split_seed)
+    return {"train": (train, train_idx), "val": (train, val_idx), "test": (test, every(test))}
 
 
 def _philox(seed: int, stream: int, epoch: int, batch: int) -> np.random.Generator:
@@ -85,24 +153,27 @@ def _philox(seed: int, stream: int, epoch: int, batch: int) -> np.random.Generat
 
 
 class _BatchSource:
-    """Makes batch b of the current epoch; picklable (a memmap travels as its file name) for loader workers."""
+    """Makes batch b of epoch e, for the key (e, b): a pure function of the key, so that persistent loader workers
+    need no news of a new epoch. Picklable (a memmap travels as its file name)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, views: Tuple[int, int], batch_size: int,
-                 augment: bool, seed: int, finish: bool, output: str) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, views: Tuple[int, int],
+                 batch_size: int, shuffle: bool, augment: bool, seed: int, finish: bool, output: str,
+                 channels: Tuple[int, int], mean: Tuple[float, ...], std: Tuple[float, ...]) -> None:
         self.mapped = None
         if isinstance(images, np.memmap) and images.filename is not None and images.flags.c_contiguous \
                 and images.offset + images.nbytes == Path(images.filename).stat().st_size:
             self.mapped = (images.filename, images.offset, images.shape)
         self.images = images.view(np.ndarray)  # plain ndarray: fancy indexing skips the memmap subclass
-        self.labels = labels
+        self.labels, self.indices = labels, indices
         self.views = np.asarray(views, dtype=np.int64)[:, None]  # (2, 1) broadcasts against (1, B)
-        self.batch_size, self.augment, self.seed, self.finish, self.output = batch_size, augment, seed, finish, output
-        self.order = np.zeros(0, dtype=np.int64)
-        self.epoch = 0
-        self.n_batches = 0
+        self.same_view = views[0] == views[1]  # identical modalities: one image, one flip (SPEC Sec. 11)
+        self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
+        self.finish, self.output, self.channels, self.mean, self.std = finish, output, channels, mean, std
+        self._order: Tuple[int, Optional[np.ndarray]] = (-1, None)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        state["_order"] = (-1, None)
         if self.mapped is not None:
             state["images"] = None
         return state
@@ -113,12 +184,18 @@ class _BatchSource:
             filename, offset, shape = self.mapped
             self.images = np.memmap(filename, np.uint8, "r", offset, shape).view(np.ndarray)
 
-    def __len__(self) -> int:
-        return self.n_batches
+    def order(self, epoch: int) -> np.ndarray:
+        """The object indices of epoch `epoch` in the order they are batched (the last epoch's is kept)."""
+        if not self.shuffle:
+            return self.indices
+        if self._order[0] != epoch:
+            self._order = (epoch, self.indices[_philox(self.seed, _ORDER_KEY, epoch, 0).permutation(len(self.indices))])
+        return self._order[1]
 
-    def __getitem__(self, b: int) -> tuple:
+    def __getitem__(self, key: Tuple[int, int]) -> tuple:
         """(x0, x1, y) when `finish`, else (x (2, B, C, H, W) uint8, flips (2, B) bool or None, y)."""
-        idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]  # (B,)
+        epoch, b = key
+        idx = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]  # (B,)
         if (idx[1:] >= idx[:-1]).all():
             x = self.images[idx[None, :], self.views]  # (2, B, C, H, W)
         else:  # read in file order for locality, then restore the batch order
@@ -128,48 +205,86 @@ class _BatchSource:
         if not self.augment:
             flips = None
         else:
-            flips = _philox(self.seed, _FLIP_KEY, self.epoch, b).random((2, len(idx))) < 0.5  # (view, sample)
+            flips = _philox(self.seed, _FLIP_KEY, epoch, b).random((2, len(idx))) < 0.5  # (view, sample)
+            if self.same_view:
+                flips[1] = flips[0]
         if not self.finish:
             return torch.from_numpy(x), None if flips is None else torch.from_numpy(flips), y
         if flips is not None and flips.any():
             v, s = np.nonzero(flips)
             x[v, s] = x[v, s, ..., ::-1]  # horizontal flip of the chosen views, in uint8 before the float pass
-        return finish_batch(torch.from_numpy(x), None, self.output) + (y,)
+        return finish_batch(torch.from_numpy(x), None, self.output, self.channels, self.mean, self.std) + (y,)
 
 
-def finish_batch(x: torch.Tensor, flips: Optional[torch.Tensor], output: str) -> Tuple[torch.Tensor, torch.Tensor]:
+class _Keys:
+    """The sampler of a persistent DataLoader: yields the (epoch, batch) keys of the current pass."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = 0, range(0)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return ((self.epoch, b) for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def finish_batch(x: torch.Tensor, flips: Optional[torch.Tensor], output: str, channels: Tuple[int, int] = (3, 3),
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flip and normalise a gathered batch on its device (the GPU when training there).
 
     Args:
         x: (2, B, C, H, W) uint8, the two views of B objects.
         flips: (2, B) bool on x's device, True where the view is flipped horizontally; None for no flips.
-        output: "float" for (B, 3, H, W) float32 ImageNet-normalised views, "uint8" for (B, C, H, W) raw ones.
+        output: "float" for float32 views normalised as (x / 255 - mean) / std, "uint8" for raw ones.
+        channels: channels of x0 and x1: 3 repeats a gray (C = 1) view, 1 keeps the first of C = 3 channels (a
+            gray view stored as 3 equal channels). "uint8" output only drops channels, never repeats them.
+        mean, std: per channel (3 values) or for every channel (1 value).
     Returns:
-        (x0, x1), each contiguous.
+        (x0, x1), each contiguous: (B, channels[k], H, W).
     """
     if flips is not None:  # no host sync: flip all, keep what is asked
         x = torch.where(flips[:, :, None, None, None], x.flip(-1), x)
+    c = x.shape[2]
     if output == "uint8":
-        return x[0], x[1]
-    scale, shift = _affine(x.device)
+        return tuple(x[k, :, :1].contiguous() if channels[k] < c else x[k] for k in (0, 1))
+    scale, shift = _affine(x.device, tuple(mean), tuple(std))  # (1, 1, 1 or 3, 1, 1)
     two, b, _, h, w = x.shape
-    out = torch.empty((two, b, 3, h, w), dtype=torch.float32, device=x.device)
-    torch.mul(x, scale, out=out)  # uint8 -> float and (gray C = 1) -> 3 channels in one pass
-    out.add_(shift)
-    return out[0], out[1]
+    if channels[0] == channels[1]:  # both views in one pass
+        k = channels[0]
+        out = torch.empty((two, b, k, h, w), dtype=torch.float32, device=x.device)
+        torch.mul(_with_channels(x, k), scale, out=out)  # uint8 -> float and C = 1 -> 3 in one pass
+        out.add_(shift)
+        return out[0], out[1]
+    outs = []
+    for v, k in enumerate(channels):
+        out = torch.empty((1, b, k, h, w), dtype=torch.float32, device=x.device)
+        torch.mul(_with_channels(x[v:v + 1], k), scale, out=out)
+        outs.append(out.add_(shift)[0])
+    return outs[0], outs[1]
 
 
-_AFFINE: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+def _with_channels(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (2 or 1, B, C, H, W) seen with k channels: the first k of C, or C = 1 repeated (a view, no copy)."""
+    c = x.shape[2]
+    if k < c:
+        return x[:, :, :k]
+    return x.expand(-1, -1, k, -1, -1) if k > c else x
 
 
-def _affine(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x / 255 - mean) / std as x * scale + shift, both (1, 1, 3, 1, 1), cached per device."""
-    if device not in _AFFINE:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
-        scale, shift = 1.0 / (255.0 * std), -mean / std
-        _AFFINE[device] = tuple(t.float().view(1, 1, 3, 1, 1).to(device) for t in (scale, shift))
-    return _AFFINE[device]
+_AFFINE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _affine(device: torch.device, mean: Tuple[float, ...], std: Tuple[float, ...]
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x / 255 - mean) / std as x * scale + shift, both (1, 1, len(mean), 1, 1), cached per device and values."""
+    key = (device, mean, std)
+    if key not in _AFFINE:
+        m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+        scale, shift = 1.0 / (255.0 * s), -m / s
+        _AFFINE[key] = tuple(t.float().view(1, 1, -1, 1, 1).to(device) for t in (scale, shift))
+    return _AFFINE[key]
 
 
 class TwoViewLoader:
@@ -178,25 +293,36 @@ class TwoViewLoader:
     The sample order is a pure function of (seed, epoch), the flips of (seed, epoch, batch index), so
     `set_epoch(epoch, start_batch)` lets a resumed run see exactly the batches of one that never stopped.
     Each new iteration starts where `set_epoch` pointed (default epoch 0, batch 0), then moves on to the next epoch.
+    With `num_workers > 0` the worker processes start (forkserver on Linux, spawn elsewhere; never forked from a
+    process running torch threads) on the first iteration and stay for the loader's life.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, indices: Optional[Sequence[int]] = None,
                  views: Tuple[int, int] = (0, 6), batch_size: int = 8, shuffle: bool = False, augment: bool = False,
                  seed: int = 0, device: Union[str, torch.device] = "cpu", output: str = "float",
-                 num_workers: int = 0, drop_last: bool = False) -> None:
+                 num_workers: int = 0, drop_last: bool = False, channels: Tuple[int, int] = (3, 3),
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 start_method: str = START_METHOD) -> None:
         """Args:
             images: (N, V, C, H, W) uint8 array, usually the cache's memmap; C is 1 (gray) or 3.
             labels: (N,) class indices.
             indices: the objects of this loader (indices into images); None for all.
-            views: the view indices used as m0 and m1.
+            views: the view indices used as m0 and m1; equal indices give identical modalities (the same image
+                with the same flip).
             batch_size: objects per batch.
             shuffle: reshuffle every epoch (else the order of `indices`).
-            augment: random horizontal flip, p = 0.5, drawn independently per view and per sample.
+            augment: random horizontal flip, p = 0.5, drawn independently per view and per sample (shared when the
+                two views are the same).
             seed: seeds the order and the flips.
             device: where the batches are delivered; on CUDA, uint8 is shipped (pinned) and converted there.
-            output: "float" (ImageNet-normalised float32, 3 channels) or "uint8" (raw, C channels).
+            output: "float" (normalised float32) or "uint8" (raw).
             num_workers: loader worker processes (0 = load in this process).
             drop_last: drop the last, smaller batch.
+            channels: channels of x0 and x1 (1 or 3 each; see `finish_batch`); `InputFormat.channels` gives a
+                dataset's.
+            mean, std: the normalisation, per channel (3 values, 3-channel views only) or for all channels (1).
+            start_method: how worker processes start: "forkserver" (the default on Linux) or "spawn" (elsewhere)
+                avoid forking a process where torch runs threads; "fork" starts faster but can deadlock.
         """
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 5 \
                 or images.shape[2] not in (1, 3):
@@ -220,14 +346,33 @@ class TwoViewLoader:
             raise ValueError(f"output={output!r} is unknown; allowed: {', '.join(OUTPUTS)}")
         if int(num_workers) < 0:
             raise ValueError(f"num_workers={num_workers} must be 0 or more")
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start_method={start_method!r} is unknown here; allowed: "
+                             f"{', '.join(multiprocessing.get_all_start_methods())}")
+        channels = tuple(int(c) for c in channels)
+        if len(channels) != 2 or not set(channels) <= {1, 3}:
+            raise ValueError(f"channels={channels} must give 1 or 3 channels for each of x0 and x1")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != len(std) or len(mean) not in (1, 3) or (len(mean) == 3 and 1 in channels) \
+                or min(std) <= 0:
+            raise ValueError(f"mean={mean} and std={std} must be 1 value (every channel) or 3 (one per channel, "
+                             f"3-channel views only; channels={channels}), std > 0")
         self.indices = indices.astype(np.int64)
         self.views, self.batch_size, self.shuffle, self.augment = views, int(batch_size), bool(shuffle), bool(augment)
         self.seed = int(seed) % 2**64  # the low word of the Philox key
-        self.device, self.output = torch.device(device), output
-        self.num_workers, self.drop_last = int(num_workers), bool(drop_last)
-        self._source = _BatchSource(images, labels, views, self.batch_size, self.augment, self.seed,
-                                    finish=self.device.type == "cpu", output=output)
+        self.device, self.output, self.channels = torch.device(device), output, channels
+        self.num_workers, self.drop_last, self.start_method = int(num_workers), bool(drop_last), start_method
+        self._source = _BatchSource(images, labels, self.indices, views, self.batch_size, self.shuffle, self.augment,
+                                    self.seed, finish=self.device.type == "cpu", output=output, channels=channels,
+                                    mean=mean, std=std)
         self._epoch, self._start = 0, 0
+        self._keys: Optional[_Keys] = None
+        self._workers: Optional[DataLoader] = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_keys"] = state["_workers"] = None  # worker processes do not travel
+        return state
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -253,24 +398,25 @@ class TwoViewLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         """The object indices of epoch `epoch` in the order they are batched."""
-        if not self.shuffle:
-            return self.indices
-        return self.indices[_philox(self.seed, _ORDER_KEY, epoch, 0).permutation(len(self.indices))]
+        return self._source.order(epoch)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         epoch, start = self._epoch, self._start
         self._epoch, self._start = epoch + 1, 0
-        source = self._source
-        source.order, source.epoch, source.n_batches = self.order(epoch), epoch, len(self)
-        return self._iterate(range(start, len(self)))
+        return self._iterate(epoch, range(start, len(self)))
 
-    def _iterate(self, batches: range) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _iterate(self, epoch: int, batches: range) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         source, on_cpu, pin = self._source, self.device.type == "cpu", self.device.type == "cuda"
         if self.num_workers == 0:
-            items = (source[b] for b in batches)
+            items = (source[epoch, b] for b in batches)
         else:  # batches come whole from the workers, in order, so determinism is kept
-            items = DataLoader(source, batch_size=None, sampler=batches, shuffle=False,
-                               num_workers=self.num_workers, pin_memory=pin)
+            if self._workers is None:  # started once: the keys tell the workers the epoch
+                self._keys = _Keys()
+                self._workers = DataLoader(source, batch_size=None, sampler=self._keys, shuffle=False,
+                                           num_workers=self.num_workers, pin_memory=pin, persistent_workers=True,
+                                           multiprocessing_context=self.start_method)
+            self._keys.epoch, self._keys.batches = epoch, batches
+            items = iter(self._workers)
         for item in items:
             if on_cpu:
                 yield item
@@ -281,47 +427,53 @@ class TwoViewLoader:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             flips = None if flips is None else flips.to(self.device, non_blocking=True)
-            yield finish_batch(x, flips, self.output) + (y,)
+            yield finish_batch(x, flips, self.output, self.channels, source.mean, source.std) + (y,)
 
 
 @dataclass
 class Loaders:
-    """The four loaders of a run (SPEC Sec. 1), the class names and the split sizes."""
+    """The four loaders of a run (SPEC Sec. 1), the class names, the split sizes and the input channels."""
 
-    train: TwoViewLoader  # D_train, shuffled, flipped
+    train: TwoViewLoader  # D_train, shuffled (and flipped, renders only)
     train_eval: TwoViewLoader  # D_train, fixed order, no augmentation (CUR squeeze means)
-    val: TwoViewLoader  # the held-out 20% of the training objects
+    val: TwoViewLoader  # renders: the held-out 20% of the training objects; digits: the stored val split
     test: TwoViewLoader
     classes: List[str]
     sizes: Dict[str, int]  # {"train": .., "val": .., "test": ..}
     cache_dir: Path
+    channels: Tuple[int, int] = (3, 3)  # input channels of x0 and x1 as delivered (digits: (3, 1))
 
 
 def build_loaders(cfg: DataConfig, device: Union[str, torch.device], seed: int, progress: bool = True) -> Loaders:
     """Prepare the data (download, cache) and build the train / train_eval / val / test loaders.
 
     Args:
-        cfg: the data config (views, batch sizes, split, workers).
+        cfg: the data config (dataset, views, batch sizes, split, workers of the training loader).
         device: where batches are delivered.
         seed: seeds the training order and flips (the validation split uses `cfg.split_seed`).
         progress: show tqdm bars while preparing the data.
     Returns:
-        The loaders, class names and split sizes.
+        The loaders, class names, split sizes and input channels.
     """
     cache_dir = prepare_data(cfg, progress=progress)
-    train, test = open_split(cache_dir, "train"), open_split(cache_dir, "test")
-    train_idx, val_idx = split_indices(len(train.labels), cfg.val_fraction, cfg.split_seed)
+    splits = dataset_splits(cache_dir, cfg.val_fraction, cfg.split_seed)
+    fmt = INPUT_FORMATS[cfg.dataset]
+    channels = fmt.channels(cfg.views)
 
-    def loader(split, indices, batch_size, **kw) -> TwoViewLoader:
+    def loader(name, batch_size, **kw) -> TwoViewLoader:
+        split, indices = splits[name]
         return TwoViewLoader(split.images, split.labels, indices, views=cfg.views, batch_size=batch_size,
-                             seed=seed, device=device, num_workers=cfg.num_workers, **kw)
+                             seed=seed, device=device, channels=channels, mean=fmt.mean, std=fmt.std, **kw)
 
+    # Only the training loader gets worker processes: they persist for the run (each a Python with torch, started
+    # once), and the evaluation passes are short reads of the memory-mapped cache.
     return Loaders(
-        train=loader(train, train_idx, cfg.batch_size, shuffle=True, augment=True),
-        train_eval=loader(train, train_idx, cfg.eval_batch_size),
-        val=loader(train, val_idx, cfg.eval_batch_size),
-        test=loader(test, None, cfg.eval_batch_size),
-        classes=list(train.classes),
-        sizes={"train": len(train_idx), "val": len(val_idx), "test": len(test.labels)},
+        train=loader("train", cfg.batch_size, shuffle=True, augment=fmt.flip, num_workers=cfg.num_workers),
+        train_eval=loader("train", cfg.eval_batch_size),
+        val=loader("val", cfg.eval_batch_size),
+        test=loader("test", cfg.eval_batch_size),
+        classes=list(splits["train"][0].classes),
+        sizes={name: len(indices) for name, (_, indices) in splits.items()},
         cache_dir=cache_dir,
+        channels=channels,
     )

@@ -171,14 +171,6 @@ class RunSpec:
                 "data": data.identity(), "train": train.identity()}
 
 
-def _base_data(dataset: str, overrides: Mapping[str, Any]) -> DataConfig:
-    """The dataset's DataConfig preset (DataConfig.for_dataset) with the study's fields."""
-    for_dataset = getattr(DataConfig, "for_dataset", None)
-    if for_dataset is not None:
-        return for_dataset(dataset, **overrides)
-    return DataConfig(dataset=dataset, **overrides)  # before DataConfig.for_dataset: the plain defaults
-
-
 def pair_views(dataset: str, pair: Pair, default_views: Tuple[int, int]) -> Tuple[str, Tuple[int, int]]:
     """The label and the views of a pair setting.
 
@@ -222,11 +214,11 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
     """
     paths = {"log_dir": str(Path(log_dir).absolute()), "ckpt_dir": str(Path(ckpt_dir).absolute())}
     data_extra = {"data_dir": str(Path(data_dir).absolute())} if data_dir is not None else {}
-    algorithm_only = getattr(TrainConfig, "ALGORITHM_ONLY", {"epsilon": ("guided",), "window": ("guided",)})
+    algorithm_only = TrainConfig.ALGORITHM_ONLY
     specs: Dict[str, RunSpec] = {}
     for grid in study.grids:
         for dataset, pair, algorithm in itertools.product(grid.datasets, grid.pairs, grid.algorithms):
-            default = _base_data(dataset, {**study.data, **data_extra})
+            default = DataConfig.for_dataset(dataset, **study.data, **data_extra)
             label, views = pair_views(dataset, pair, default.views)
             try:
                 data = dataclasses.replace(default, views=views, data_dir=str(Path(default.data_dir).absolute()))
