@@ -18,8 +18,8 @@ PARAMETERS: Dict[str, Tuple[str, bool]] = {
     "RESUME": ("bool", False), "NUM_WORKERS": ("int", False), "EMBEDDED_PER_CLASS": ("int", False),
     "EMBEDDED_TEST_PER_CLASS": ("int", False), "PRECISION": ("str", False), "PROGRESS": ("bool", False),
 }
-_EXAMPLES = {"list[int]": "[0, 1, 2]", "list[float]": "[0.001, 0.01, 0.1]", "list[str]": '["vanilla", "guided"]', "int": "8", "float": "0.1",
-             "bool": "true", "str": "embedded"}
+_EXAMPLES = {"list[int]": "[0, 1, 2]", "list[float]": "[0.001, 0.01, 0.1]", "list[str]": '["vanilla", "guided"]',
+             "int": "8", "float": "0.1", "bool": "true", "str": "embedded"}
 
 
 def _is(kind: str, value: Any) -> bool:

@@ -12,5 +12,5 @@ from .runner import StudyResult, load_study, run_study
 __all__ = ["EXECUTORS", "FIGURES", "PAIR_KINDS", "Grid", "LocalExecutor", "ProcessExecutor", "RayExecutor", "RunSpec",
            "Study", "StudyResult", "append_record", "execute_run", "expand", "greedy_learner", "load_study",
            "log_space", "make_executor", "paper_studies", "plot_cls_cur", "plot_pairs", "plot_regularization",
-           "plot_sensitivity", "read_records", "regularization", "run_study", "sensitivity", "spearman", "summary_table",
-           "study_dir"]
+           "plot_sensitivity", "read_records", "regularization", "run_study", "sensitivity", "spearman",
+           "summary_table", "study_dir"]

@@ -241,7 +241,8 @@ def plot_sensitivity(records: Sequence[dict]) -> Figure:
                 _empty(ax, f"{key} (guided)")
             if key == "d_util":
                 ax.axhline(0.0, color="gray", lw=0.8, ls=":")
-            ax.set_xlabel(LABELS[x_key] + (" (imbalance tolerance)" if x_key == "epsilon" else " (re-balancing window)"))
+            meaning = " (imbalance tolerance)" if x_key == "epsilon" else " (re-balancing window)"
+            ax.set_xlabel(LABELS[x_key] + meaning)
             ax.set_ylabel(LABELS[key])
             ax.set_title(f"guided: {LABELS[key]} against {LABELS[x_key]}")
     return fig
