@@ -255,8 +255,8 @@ class RayExecutor:
         cpus_per_run: CPUs (and torch threads) per run.
         gpus_per_run: GPUs per run (e.g. 0.5); None = 1 when the cluster has GPUs, else 0.
         num_cpus: CPUs of the local Ray (None: all); ignored with `address`.
-        runtime_env: Ray's runtime_env, e.g. {"py_modules": [greedymm]} to ship this package to a cluster; a local
-            Ray gets this package's folder on its PYTHONPATH.
+        runtime_env: Ray's runtime_env, e.g. {"py_modules": [greedymm]} to ship this package to a cluster (None:
+            the nodes have greedymm installed); a local Ray gets this package's folder on its PYTHONPATH.
     """
 
     name = "ray"
@@ -273,14 +273,22 @@ class RayExecutor:
     def _init(self, ray: Any) -> bool:
         if ray.is_initialized():
             return False
-        runtime_env = dict(self.runtime_env or {})
-        if self.address is None:  # a local Ray: its workers import greedymm from where this process does
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            env_vars = dict(runtime_env.get("env_vars", {}))
-            env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-            runtime_env["env_vars"] = env_vars
-        ray.init(address=self.address, num_cpus=self.num_cpus if self.address is None else None,
-                 runtime_env=runtime_env or None, include_dashboard=False, log_to_driver=False)
+        if self.address is not None:
+            ray.init(address=self.address, runtime_env=self.runtime_env, log_to_driver=False)
+            return True
+        # A local Ray: its processes inherit this environment, so its workers import greedymm from where this
+        # process does (a runtime_env would do the same at the cost of a per-task environment set-up).
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        before = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, before) if p)
+        try:
+            ray.init(num_cpus=self.num_cpus, runtime_env=self.runtime_env, include_dashboard=False,
+                     log_to_driver=False)
+        finally:
+            if before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = before
         return True
 
     def map(self, specs: Sequence[RunSpec]) -> Iterator[dict]:
