@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .config import ALGORITHMS, DataConfig, TrainConfig
 
-# name: (kind, may be None). Kinds: str, bool, int, float (an int is fine), list[int], list[str].
+# name: (kind, may be None). Kinds: str, bool, int, float (an int is fine), list[int], list[float], list[str].
 PARAMETERS: Dict[str, Tuple[str, bool]] = {
     "DATASET": ("str", False), "DATA_DIR": ("str", False), "DATA_URL": ("str", False),
     "make_npy_files": ("bool", False), "VIEWS": ("list[int]", True), "IMAGE_SIZE": ("int", True),
@@ -18,8 +18,8 @@ PARAMETERS: Dict[str, Tuple[str, bool]] = {
     "RESUME": ("bool", False), "NUM_WORKERS": ("int", False), "EMBEDDED_PER_CLASS": ("int", False),
     "EMBEDDED_TEST_PER_CLASS": ("int", False), "PRECISION": ("str", False), "PROGRESS": ("bool", False),
 }
-_EXAMPLES = {"list[int]": "[0, 1, 2]", "list[str]": '["vanilla", "guided"]', "int": "8", "float": "0.1",
-             "bool": "true", "str": "embedded"}
+_EXAMPLES = {"list[int]": "[0, 1, 2]", "list[float]": "[0.001, 0.01, 0.1]", "list[str]": '["vanilla", "guided"]',
+             "int": "8", "float": "0.1", "bool": "true", "str": "embedded"}
 
 
 def _is(kind: str, value: Any) -> bool:

@@ -1,0 +1,301 @@
+"""The studies' figures from runs.jsonl records (paper Figs. 2, 4, 8, 9; SPEC Sec. 11): d_util and d_speed for
+identical versus distinct pairs, d_speed against d_util with Spearman's rank correlation, d_util, d_speed and rho
+against lambda, and guided's accuracy and d_util against epsilon and W. Figures are built without pyplot.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .records import ok_records
+
+PAIR_COLORS = {"distinct": "tab:red", "identical": "tab:blue"}
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LABELS = {"d_util": "$d_\\mathrm{util}$", "d_speed": "$d_\\mathrm{speed}$", "rho": "$\\rho$",
+          "acc": "test accuracy", "epsilon": "$\\varepsilon$", "window": "$W$", "l1": "$\\lambda$"}
+
+
+def rank(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n of the values, ties sharing their average rank."""
+    a = np.asarray(values, dtype=float)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(1, len(a) + 1)
+    uniq, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    if (counts > 1).any():
+        sums = np.bincount(inverse, weights=ranks)
+        ranks = (sums / counts)[inverse]
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties averaged); NaN if undefined.
+
+    Args:
+        x, y: paired values (same length).
+    Returns:
+        The correlation in [-1, 1], or NaN with fewer than 2 pairs or a constant variable.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"spearman: x has {len(x)} values and y {len(y)}; they must be paired")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = rank(x), rank(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and standard deviation (over seeds; population std, 0 for one value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std())
+
+
+def pair_order(labels: Sequence[str]) -> List[str]:
+    """Pair labels: distinct, identical, then explicit views in text order."""
+    labels = set(labels)
+    return [p for p in ("distinct", "identical") if p in labels] + sorted(labels - {"distinct", "identical"})
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no finished run with {what}", ha="center", va="center", transform=ax.transAxes,
+            color="gray")
+
+
+def _log_x(ax, xs: Sequence[float]) -> None:
+    """Log x axis for positive values; symlog when 0 is among them (e.g. lambda = 0, no regularization)."""
+    xs = [x for x in xs if math.isfinite(x)]
+    positive = [x for x in xs if x > 0]
+    if not positive:
+        return
+    if len(positive) == len(xs):
+        ax.set_xscale("log")
+    else:
+        ax.set_xscale("symlog", linthresh=min(positive))
+
+
+def plot_pairs(records: Sequence[dict], keys: Sequence[str] = ("d_util", "d_speed")) -> Figure:
+    """Fig. 2: the distributions of d_util and d_speed for identical versus distinct pairs, per dataset, with means.
+
+    Each run is a point (jittered sideways), each pair kind's mean a black bar labelled with its value.
+
+    Args:
+        records: runs.jsonl records (failed runs and NaN values are left out).
+        keys: the figures to show, one column each.
+    Returns:
+        The figure: one row per dataset. Points carry gid "points:<pair>", mean bars "mean:<pair>".
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+    datasets = sorted({r["dataset"] for r in ok}) or ["no runs"]
+    fig = Figure(figsize=(4.4 * len(keys), 3.3 * len(datasets)), layout="constrained")
+    axes = fig.subplots(len(datasets), len(keys), squeeze=False)
+    rng = np.random.default_rng(0)  # the jitter only moves points sideways
+    for i, dataset in enumerate(datasets):
+        for j, key in enumerate(keys):
+            ax = axes[i, j]
+            rs = ok_records([r for r in ok if r["dataset"] == dataset], (key,))
+            labels = pair_order([r["pair"] for r in rs])
+            for x, label in enumerate(labels):
+                vals = np.array([r[key] for r in rs if r["pair"] == label])
+                ax.scatter(x + rng.uniform(-0.15, 0.15, len(vals)), vals, s=20, alpha=0.7,
+                           color=PAIR_COLORS.get(label, f"C{x + 2}"), gid=f"points:{label}")
+                mean = float(vals.mean())
+                ax.plot([x - 0.3, x + 0.3], [mean, mean], color="black", lw=2.5, gid=f"mean:{label}")
+                ax.annotate(f"mean {mean:+.3f}\nn = {len(vals)}", (x + 0.33, mean), va="center", fontsize=8)
+            if not labels:
+                _empty(ax, key)
+            ax.axhline(0.0, color="gray", lw=0.8, ls=":")
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.6, max(len(labels), 1) - 0.4 + 0.5)
+            ax.set_ylabel(LABELS.get(key, key))
+            ax.set_title(f"{dataset}: {LABELS.get(key, key)}")
+    return fig
+
+
+def plot_cls_cur(records: Sequence[dict]) -> Figure:
+    """"CLS predicts CUR": d_speed against d_util over all runs, with Spearman's rank correlation printed.
+
+    Args:
+        records: runs.jsonl records (failed runs and NaN values are left out).
+    Returns:
+        The figure. Points carry gid "points:<dataset>:<pair>", the correlation text gid "spearman".
+    """
+    rs = ok_records(records, ("d_util", "d_speed"))
+    fig = Figure(figsize=(5.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    datasets = sorted({r["dataset"] for r in rs})
+    for d, dataset in enumerate(datasets):
+        for p, label in enumerate(pair_order([r["pair"] for r in rs if r["dataset"] == dataset])):
+            pts = [r for r in rs if r["dataset"] == dataset and r["pair"] == label]
+            ax.scatter([r["d_util"] for r in pts], [r["d_speed"] for r in pts], s=24, alpha=0.75,
+                       marker=MARKERS[d % len(MARKERS)], color=PAIR_COLORS.get(label, f"C{p + 2}"),
+                       label=f"{dataset}, {label}" if len(datasets) > 1 else label, gid=f"points:{dataset}:{label}")
+    rho = spearman([r["d_util"] for r in rs], [r["d_speed"] for r in rs])
+    ax.text(0.03, 0.97, f"Spearman ρ = {rho:+.2f} (n = {len(rs)})", transform=ax.transAxes, va="top",
+            fontsize=11, gid="spearman", bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+    ax.axhline(0.0, color="gray", lw=0.8, ls=":")
+    ax.axvline(0.0, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel(f"{LABELS['d_util']} (test set, best checkpoint)")
+    ax.set_ylabel(f"{LABELS['d_speed']} (at the best epoch)")
+    ax.set_title("conditional learning speed vs. conditional utilization")
+    if rs:
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        _empty(ax, "d_util and d_speed")
+    return fig
+
+
+def _series(records: Sequence[dict], x_key: str, y_key: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x values, means, stds) of y over the runs (seeds) that share each x."""
+    xs = sorted({r[x_key] for r in records})
+    stats = [mean_std([r[y_key] for r in records if r[x_key] == x]) for x in xs]
+    return np.array(xs, dtype=float), np.array([m for m, _ in stats]), np.array([s for _, s in stats])
+
+
+def plot_regularization(records: Sequence[dict], tau: Optional[float] = None) -> Figure:
+    """Figs. 4 and 8: rho, d_util and d_speed against the L1 strength lambda, mean +- std over seeds.
+
+    Args:
+        records: runs.jsonl records (failed runs and NaN values are left out).
+        tau: the sparsity threshold, for the title (the records' own tau when None).
+    Returns:
+        The figure, three panels; each curve's line carries gid "<figure>:<dataset>:<pair>".
+    """
+    ok = ok_records(records, ("l1",))
+    panels = ("rho", "d_util", "d_speed")
+    fig = Figure(figsize=(4.2 * len(panels), 3.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    groups = sorted({(r["dataset"], r["pair"]) for r in ok}, key=lambda g: (g[0], pair_order([g[1]])))
+    several = len({g[0] for g in groups}) > 1
+    if tau is None:
+        taus = {r.get("tau") for r in ok}
+        tau = taus.pop() if len(taus) == 1 else None
+    for ax, key in zip(axes, panels):
+        shown = False
+        for n, (dataset, pair) in enumerate(groups):
+            rs = ok_records([r for r in ok if r["dataset"] == dataset and r["pair"] == pair], (key,))
+            if not rs:
+                continue
+            xs, means, stds = _series(rs, "l1", key)
+            bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=PAIR_COLORS.get(pair, f"C{n}"),
+                               label=f"{dataset}, {pair}" if several else pair)
+            bars.lines[0].set_gid(f"{key}:{dataset}:{pair}")  # the curve of means (caps and bars carry none)
+            shown = True
+        if shown:
+            _log_x(ax, [r["l1"] for r in ok])
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax, key)
+        if key != "rho":
+            ax.axhline(0.0, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(f"{LABELS['l1']} (L1 strength)")
+        ax.set_ylabel(LABELS[key])
+        title = "sparsity ρ = share of |θ| < τ" + (f" = {tau:g}" if tau else "") if key == "rho" else LABELS[key]
+        ax.set_title(title)
+    return fig
+
+
+def plot_sensitivity(records: Sequence[dict]) -> Figure:
+    """Fig. 9: guided training's test accuracy and d_util against epsilon (top) and against W (bottom).
+
+    Curves are mean +- std over seeds; in the epsilon row one curve per W (and per dataset and pair), in the W row
+    one per epsilon; curves of a single point (the other sweep's shared setting) are left out when longer ones exist.
+
+    Args:
+        records: runs.jsonl records; only guided runs count.
+    Returns:
+        The 2 x 2 figure; each curve's line carries gid "<figure>:<x>:<dataset>:<pair>:<other>=<value>".
+    """
+    ok = [r for r in ok_records(records, ("epsilon", "window")) if r.get("algorithm") == "guided"]
+    fig = Figure(figsize=(9.0, 6.6), layout="constrained")
+    axes = fig.subplots(2, 2, squeeze=False)
+    several = len({(r["dataset"], r["pair"]) for r in ok}) > 1
+    for row, (x_key, other) in enumerate((("epsilon", "window"), ("window", "epsilon"))):
+        groups: Dict[tuple, List[dict]] = {}
+        for r in ok:
+            groups.setdefault((r["dataset"], r["pair"], r[other]), []).append(r)
+        long = {g: rs for g, rs in groups.items() if len({r[x_key] for r in rs}) > 1}
+        groups = long or groups
+        for col, key in enumerate(("acc", "d_util")):
+            ax = axes[row, col]
+            shown = False
+            for n, ((dataset, pair, value), rs) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+                rs = ok_records(rs, (key,))
+                if not rs:
+                    continue
+                xs, means, stds = _series(rs, x_key, key)
+                name = f"{'ε' if other == 'epsilon' else 'W'} = {value:g}"
+                bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=f"C{n}",
+                                   label=f"{dataset}, {pair}, {name}" if several else name)
+                bars.lines[0].set_gid(f"{key}:{x_key}:{dataset}:{pair}:{other}={value:g}")
+                shown = True
+            if shown:
+                if x_key == "epsilon":
+                    _log_x(ax, [r["epsilon"] for r in ok])
+                ax.legend(fontsize=8)
+            else:
+                _empty(ax, f"{key} (guided)")
+            if key == "d_util":
+                ax.axhline(0.0, color="gray", lw=0.8, ls=":")
+            meaning = " (imbalance tolerance)" if x_key == "epsilon" else " (re-balancing window)"
+            ax.set_xlabel(LABELS[x_key] + meaning)
+            ax.set_ylabel(LABELS[key])
+            ax.set_title(f"guided: {LABELS[key]} against {LABELS[x_key]}")
+    return fig
+
+
+def summary_table(records: Sequence[dict], by: Sequence[str], keys: Sequence[str]) -> str:
+    """The numbers behind a figure as a Markdown table: mean +- std over the runs of each group.
+
+    Args:
+        records: runs.jsonl records (failed runs and NaN values are left out, per figure).
+        by: the record fields that form the groups, e.g. ("dataset", "pair") or ("l1",).
+        keys: the figures to aggregate, e.g. ("d_util", "d_speed").
+    Returns:
+        Markdown text: one row per group (in sorted order) with "mean ± std (n)" per key.
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+
+    def group_of(r: dict) -> tuple:  # lists (views) as tuples, so groups can be collected in a set
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (r.get(b) for b in by))
+
+    def order(group: tuple) -> tuple:  # numbers by value, before any text (None included)
+        return tuple((0, x, "") if isinstance(x, (int, float)) and not isinstance(x, bool) else (1, 0, str(x))
+                     for x in group)
+
+    groups = sorted({group_of(r) for r in ok}, key=order)
+    lines = ["| " + " | ".join(list(by) + list(keys)) + " |", "|" + "---|" * (len(by) + len(keys))]
+    for g in groups:
+        rs = [r for r in ok if group_of(r) == g]
+        cells = [f"{x:g}" if isinstance(x, float) else str(x) for x in g]
+        for k in keys:
+            vals = [r[k] for r in ok_records(rs, (k,))]
+            cells.append("n/a" if not vals else "{:+.3f} ± {:.3f} ({})".format(*mean_std(vals), len(vals)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The figures a Study names in its `figures` (greedymm.study.grid.FIGURE_NAMES).
+FIGURES: Mapping[str, Callable[[Sequence[dict]], Figure]] = {
+    "pairs": plot_pairs, "cls_cur": plot_cls_cur, "regularization": plot_regularization,
+    "sensitivity": plot_sensitivity,
+}
+
+
+def study_figures(names: Sequence[str], records: Sequence[dict]) -> Dict[str, Figure]:
+    """The named figures drawn from a study's records.
+
+    Args:
+        names: figure names (keys of FIGURES), e.g. a Study's `figures`.
+        records: its runs.jsonl records.
+    Returns:
+        {name: Figure} in the given order.
+    """
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise ValueError(f"figures {unknown} are unknown; allowed: {', '.join(FIGURES)}")
+    return {name: FIGURES[name](records) for name in names}

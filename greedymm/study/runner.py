@@ -1,0 +1,128 @@
+"""Running a study (SPEC Sec. 11): expand its grid, skip the runs already recorded as finished, execute the rest
+(resuming unfinished ones) with the chosen executor, append each record to runs.jsonl as it arrives, and rebuild
+the study's figures from the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from matplotlib.figure import Figure
+
+from ..config import save_json
+from ..data import prepare_data
+from .executors import Executor, RayExecutor, executor_of
+from .figures import study_figures
+from .grid import RunSpec, Study, expand
+from .records import RUNS_FILE, append_record, finished_keys, latest, read_records, study_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyResult:
+    """What `run_study` did and what the study holds now."""
+
+    study: Study  # the study
+    records: List[dict]  # the latest record of each of its runs, in grid order (runs never recorded are absent)
+    ran: int  # runs executed by this call
+    skipped: int  # runs already finished (recorded "ok") before this call
+    path: Path  # its runs.jsonl
+    figures: Dict[str, Figure] = field(default_factory=dict)  # its figures, by name
+    figure_paths: Dict[str, Path] = field(default_factory=dict)  # the PNGs written, by name
+
+    @property
+    def failed(self) -> List[dict]:
+        """The records of the runs that failed (re-running the study retries them)."""
+        return [r for r in self.records if r.get("status") != "ok"]
+
+
+def study_records(specs: Sequence[RunSpec], records: Sequence[dict]) -> List[dict]:
+    """The latest record of each run in `specs`, in their order (runs without a record are left out)."""
+    by_key = latest(records)
+    return [by_key[s.key] for s in specs if s.key in by_key]
+
+
+def save_figure(fig: Figure, path: Union[str, Path], dpi: int = 110) -> Path:
+    """Write a figure as PNG atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _prepare(specs: Sequence[RunSpec]) -> None:
+    """Download and cache each dataset once, here, before workers start (they then only read the cache)."""
+    seen = set()
+    for spec in specs:
+        key = json.dumps({k: v for k, v in spec.data.items() if k != "views"}, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            prepare_data(spec.data_config(), progress=False)
+
+
+def run_study(study: Study, executor: Union[str, Executor, None] = None, log_dir: Union[str, Path] = "logging",
+              ckpt_dir: Union[str, Path] = "checkpoints", data_dir: Optional[Union[str, Path]] = None,
+              prepare: Optional[bool] = None, save: bool = True,
+              callback: Optional[Callable[[dict], None]] = None) -> StudyResult:
+    """Run every unfinished run of a study, record each, and rebuild its figures.
+
+    A run whose latest record is "ok" (for the same tau and budget) is skipped, so re-running a finished study
+    trains nothing; an interrupted run resumes from its checkpoint; a failed run is tried again. Records are
+    appended to logging/studies/<study>/runs.jsonl by this process only, as they arrive.
+
+    Args:
+        study: the Study.
+        executor: "local" (default), "processes", "ray", or an executor object (make_executor).
+        log_dir, ckpt_dir: roots of the runs' logs and checkpoints; the study's folder is log_dir/studies/<name>/.
+        data_dir: where the data lives; None = each dataset's default.
+        prepare: prepare the data in this process before running (default: yes, except on a Ray cluster given by
+            address, whose nodes prepare their own).
+        save: write the figures as PNGs into the study's folder.
+        callback: called with each new record as it arrives (e.g. to print a line).
+    Returns:
+        The StudyResult.
+    """
+    runner = executor_of(executor)
+    specs = expand(study, log_dir, ckpt_dir, data_dir)
+    folder = study_dir(log_dir, study.name)
+    path = folder / RUNS_FILE
+    save_json(study.to_dict(), folder / "study.json")
+    done = finished_keys(read_records(path))
+    todo = [s for s in specs if s.key not in done]
+    log.info("study %s: %d runs, %d already finished, %d to run (%s)", study.name, len(specs),
+             len(specs) - len(todo), len(todo), getattr(runner, "name", type(runner).__name__))
+    if prepare is None:
+        prepare = not (isinstance(runner, RayExecutor) and runner.address is not None)
+    if todo and prepare:
+        _prepare(todo)
+    for record in runner.map(todo):
+        append_record(path, record)
+        if callback is not None:
+            callback(record)
+    records = study_records(specs, read_records(path))
+    figures = study_figures(study.figures, records)
+    paths = {name: save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()} if save else {}
+    return StudyResult(study, records, len(todo), len(specs) - len(todo), path, figures, paths)
+
+
+def load_study(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[str, Path] = "checkpoints",
+               data_dir: Optional[Union[str, Path]] = None) -> StudyResult:
+    """A study's recorded results and figures without running anything (nothing is written).
+
+    Args:
+        study, log_dir, ckpt_dir, data_dir: as in `run_study`.
+    Returns:
+        The StudyResult (ran = 0).
+    """
+    specs = expand(study, log_dir, ckpt_dir, data_dir)
+    path = study_dir(log_dir, study.name) / RUNS_FILE
+    records = study_records(specs, read_records(path))
+    skipped = sum(r.get("status") == "ok" for r in records)
+    return StudyResult(study, records, 0, skipped, path, study_figures(study.figures, records))
