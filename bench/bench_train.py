@@ -3,10 +3,12 @@
 Writes train.step_ms_vanilla_224_b8 (a vanilla step, CLS off), train.cls_ms_224_b8 (mu of the four groups
 plus the cumulative speeds, timed alone in-process: whole-step differences on shared machines swing by +-5%)
 and train.cls_overhead_pct to bench/results.json; beside the vanilla step, in the same invocation, the steps of the
-balancers (SPEC Sec. 12): train.step_ms_ogm_ge_224_b8 (OGM-GE: coefficients, modulation, GE noise) and
-train.step_ms_gblend_224_b8 (Gradient Blending's three-head loss), rounds interleaved so that drift on a shared
-machine hits all three alike, and train.ogm_ge_hook_ms_224_b8 / train.ogm_ge_hook_overhead_pct (OGM-GE's
-after-backward hook timed alone, like the CLS). Runs on CUDA when there is one, else on the CPU.
+baselines (SPEC Sec. 9): train.step_ms_rubi_224_b8 (RUBi's bias path and masked loss) and
+train.step_ms_unimodal_224_b8 (one ResNet18 branch with SE blocks), and of the balancers (SPEC Sec. 12):
+train.step_ms_ogm_ge_224_b8 (OGM-GE: coefficients, modulation, GE noise) and train.step_ms_gblend_224_b8 (Gradient
+Blending's three-head loss), rounds interleaved so that drift on a shared machine hits them all alike, and
+train.ogm_ge_hook_ms_224_b8 / train.ogm_ge_hook_overhead_pct (OGM-GE's after-backward hook timed alone, like the CLS).
+Runs on CUDA when there is one, else on the CPU.
 """
 import sys
 from pathlib import Path
@@ -21,8 +23,9 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import median_ms, update_results  # noqa: E402
 from greedymm.balance import Algorithm, CLSTracker  # noqa: E402
 from greedymm.balancers import OGMGE, GradientBlending  # noqa: E402
+from greedymm.baselines import RUBi, UniModal  # noqa: E402
 from greedymm.mmtm import FusionMode  # noqa: E402
-from greedymm.model import mmtm_resnet18  # noqa: E402
+from greedymm.model import UniModalNet, mmtm_resnet18  # noqa: E402
 
 
 def main() -> None:
@@ -46,26 +49,30 @@ def main() -> None:
     def cls() -> None:  # what the trainer adds per step, ending with the host read of the speeds
         tracker.update(tracker.compute_mu(), regular=True).tolist()
 
-    def algorithm_step(alg: Algorithm):  # a step as the trainer takes it with a balancer, CLS off
-        alg.setup(model)
+    def algorithm_step(alg: Algorithm, net: torch.nn.Module = model):  # a step as the trainer takes it, CLS off
+        extra = alg.setup(net)
+        params = list(net.parameters()) + (list(extra.to(device).parameters()) if extra is not None else [])
+        opt = torch.optim.SGD(params, lr=0.1)
         alg.next_mode(0)
 
         def run() -> None:
-            out = alg.forward(model, x0, x1, FusionMode.FUSED)
+            out = alg.forward(net, x0, x1, FusionMode.FUSED)
             loss, _ = alg.loss(out, y)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            alg.after_backward(model, out, y)
-            optimizer.step()
+            alg.after_backward(net, out, y)
+            opt.step()
             sync()
         return run
 
     ogm_ge = OGMGE(alpha=0.1)
-    steps = {"vanilla": step, "ogm_ge": algorithm_step(ogm_ge), "gblend": algorithm_step(GradientBlending())}
+    unimodal = UniModalNet.from_two_branch(model, 0).to(device)
+    steps = {"vanilla": step, "rubi": algorithm_step(RUBi(0)), "unimodal": algorithm_step(UniModal(0), unimodal),
+             "ogm_ge": algorithm_step(ogm_ge), "gblend": algorithm_step(GradientBlending())}
     for fn in steps.values():
         fn()  # warm-up
     per_round = {name: [] for name in steps}
-    for _ in range(7 if not cuda else 10):  # interleaved rounds: drift on a shared machine hits all three alike
+    for _ in range(7 if not cuda else 10):  # interleaved rounds: drift on a shared machine hits all alike
         for name, fn in steps.items():
             per_round[name].append(median_ms(fn, repeats=1 if not cuda else 10, warmup=0))
     step_ms = {name: statistics.median(times) for name, times in per_round.items()}
@@ -82,6 +89,8 @@ def main() -> None:
     vanilla_ms = step_ms["vanilla"]
     update_results({
         "train.step_ms_vanilla_224_b8": round(vanilla_ms, 2),
+        "train.step_ms_rubi_224_b8": round(step_ms["rubi"], 2),
+        "train.step_ms_unimodal_224_b8": round(step_ms["unimodal"], 2),
         "train.step_ms_ogm_ge_224_b8": round(step_ms["ogm_ge"], 2),
         "train.step_ms_gblend_224_b8": round(step_ms["gblend"], 2),
         "train.ogm_ge_hook_ms_224_b8": round(hook_ms, 3),
@@ -91,7 +100,7 @@ def main() -> None:
         "train.device": device_name,
     })
     print(f"{device_name}: step {vanilla_ms:.1f} ms, CLS {cls_ms:.2f} ms ({100 * cls_ms / vanilla_ms:.2f}%)")
-    for name in ("ogm_ge", "gblend"):
+    for name in ("rubi", "unimodal", "ogm_ge", "gblend"):
         print(f"  {name}: step {step_ms[name]:.1f} ms ({step_ms[name] / vanilla_ms:.3f}x vanilla)")
     print(f"  ogm_ge hook alone: {hook_ms:.2f} ms ({100 * hook_ms / vanilla_ms:.2f}% of a vanilla step)")
 

@@ -190,12 +190,12 @@ class TrainConfig:
     epsilon: float = 0.01  # guided: imbalance tolerance on |d_speed|
     window: int = 5  # guided: re-balancing steps W taken once |d_speed| > epsilon
     rubi_bias: str = "m0"  # rubi: the bias modality whose branch feeds the bias-only classifier ("m0" or "m1")
-    ogm_alpha: float = 0.1  # ogm_ge: alpha of k = 1 - tanh(alpha * rho); their code uses 0.1-0.8 by dataset, 0.1 keeps near-balanced views near vanilla
+    ogm_alpha: float = 0.1  # ogm_ge: alpha in k = 1 - tanh(alpha * rho) (theirs: 0.1-0.8; 0.1 damps near-ties little)
     ogm_start_epoch: int = 0  # ogm_ge: epochs trained before the modulation (and its GE noise) starts
-    ogm_end_epoch: Optional[int] = None  # ogm_ge: the modulation (and its GE noise) stops after this many epochs; None: never
+    ogm_end_epoch: Optional[int] = None  # ogm_ge: modulation (and noise) ends once this many epochs are done (None: never)
     gblend_period: int = 3  # gblend: n, the epochs between two re-estimations of the blending weights
     seed: int = 0  # seeds weights, data order, augmentation and the random schedule
-    precision: str = "auto"  # "auto": bf16 on CUDA GPUs of compute capability >= 8.0, fp16 (loss scaling) below, fp32 on CPU; or "fp32", "bf16", "fp16"
+    precision: str = "auto"  # "auto" (CUDA: bf16 from capability 8.0, fp16 below; CPU: fp32), "fp32", "bf16", "fp16"
     channels_last: bool = True  # channels_last memory format on CUDA
     ckpt_every_steps: Optional[int] = None  # also write `last` every N steps (None = per epoch only)
     eval_test: bool = True  # evaluate the test set at the end of every epoch

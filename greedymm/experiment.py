@@ -118,8 +118,21 @@ def build_model(algorithm: str, two_branch: nn.Module) -> nn.Module:
 ModelFn = Callable[[int], TwoBranchNet]
 
 
-def _make_model(data_cfg: DataConfig, algorithm: str, seed: int, num_classes: int, channels: Tuple[int, int],
-                model_fn: Optional[ModelFn]) -> nn.Module:
+def make_model(data_cfg: DataConfig, algorithm: str, seed: int, num_classes: int, channels: Tuple[int, int],
+               model_fn: Optional[ModelFn] = None) -> nn.Module:
+    """The seeded network of a run: the two-branch model (`model_fn`'s or the dataset's default) or, for the
+    uni-modal rows, its uni-modal counterpart.
+
+    Args:
+        data_cfg: the run's data settings (the dataset picks the default model).
+        algorithm: the run's algorithm.
+        seed: seeds the weights.
+        num_classes: K.
+        channels: input channels of m0 and m1 (`Loaders.channels`).
+        model_fn: num_classes -> two-branch model, or None for the dataset's default.
+    Returns:
+        The network, with freshly initialised weights.
+    """
     torch.manual_seed(seed)
     two = model_fn(num_classes) if model_fn is not None else default_two_branch(data_cfg.dataset, num_classes,
                                                                                  channels)
@@ -154,8 +167,8 @@ def train_run(data_cfg: DataConfig, train_cfg: TrainConfig, algorithm: str, seed
     cfg = dataclasses.replace(train_cfg, algorithm=algorithm, seed=seed, run_name=name, progress=progress)
     device = torch.device(device) if device is not None else default_device()
     loaders = build_loaders(data_cfg, device, seed, progress=progress)
-    channels = tuple(getattr(loaders, "channels", (3, 3)))
-    model = _make_model(data_cfg, algorithm, seed, len(loaders.classes), channels, model_fn)
+    channels = tuple(loaders.channels)
+    model = make_model(data_cfg, algorithm, seed, len(loaders.classes), channels, model_fn)
     result = train(model, loaders.train, cfg, loaders.val, loaders.test, device=device, resume=resume,
                    callback=callback, extra_config={"data": to_dict(data_cfg), "classes": loaders.classes},
                    identity={"data": data_cfg.identity(), "model_name": model_name})
@@ -185,8 +198,8 @@ def utilization_of_run(run: dict, data_cfg: DataConfig, device: Optional[Union[s
     """
     device = torch.device(device) if device is not None else default_device()
     loaders = build_loaders(data_cfg, device, run["seed"], progress=progress)
-    channels = tuple(getattr(loaders, "channels", (3, 3)))
-    model = _make_model(data_cfg, run["algorithm"], run["seed"], len(loaders.classes), channels, model_fn)
+    channels = tuple(loaders.channels)
+    model = make_model(data_cfg, run["algorithm"], run["seed"], len(loaders.classes), channels, model_fn)
     model = model.to(device)
     model.load_state_dict(load_checkpoint(run["best_path"], map_location=device)["model"])
     dtype = amp_dtype(device, run.get("precision", "auto"))

@@ -14,7 +14,8 @@ PARAMETERS: Dict[str, Tuple[str, bool]] = {
     "make_npy_files": ("bool", False), "VIEWS": ("list[int]", True), "IMAGE_SIZE": ("int", True),
     "BATCH_SIZE": ("int", True), "LR": ("float", True), "MOMENTUM": ("float", True), "MAX_EPOCHS": ("int", True),
     "ALGORITHMS": ("list[str]", False), "UNIMODAL": ("bool", False), "EPSILON": ("float", True),
-    "WINDOW": ("int", True), "SEEDS": ("list[int]", False), "LOG_DIR": ("str", False), "CKPT_DIR": ("str", False),
+    "WINDOW": ("int", True), "OGM_ALPHA": ("float", True), "GBLEND_PERIOD": ("int", True),
+    "SEEDS": ("list[int]", False), "LOG_DIR": ("str", False), "CKPT_DIR": ("str", False),
     "RESUME": ("bool", False), "NUM_WORKERS": ("int", False), "EMBEDDED_PER_CLASS": ("int", False),
     "EMBEDDED_TEST_PER_CLASS": ("int", False), "PRECISION": ("str", False), "PROGRESS": ("bool", False),
 }
@@ -100,5 +101,6 @@ def plan_from_parameters(values: Mapping[str, Any]) -> ExperimentPlan:
     train = TrainConfig.for_dataset(
         v["DATASET"], log_dir=v["LOG_DIR"], ckpt_dir=v["CKPT_DIR"], precision=v.get("PRECISION", "auto"),
         **given(lr=v.get("LR"), momentum=v.get("MOMENTUM"), max_epochs=v.get("MAX_EPOCHS"),
-                epsilon=v.get("EPSILON"), window=v.get("WINDOW")))
+                epsilon=v.get("EPSILON"), window=v.get("WINDOW"), ogm_alpha=v.get("OGM_ALPHA"),
+                gblend_period=v.get("GBLEND_PERIOD")))
     return ExperimentPlan(data, train, [a for a in ALGORITHMS if a in chosen], [int(s) for s in v["SEEDS"]])

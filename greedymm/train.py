@@ -592,7 +592,8 @@ class Trainer:
         else:
             self.optimizer.step()
         names = list(stats)
-        values = dict(zip(names, torch.stack([stats[k].double().to(loss.device) for k in names]).tolist()))  # the one host sync
+        stacked = torch.stack([stats[k].double().to(loss.device) for k in names])
+        values = dict(zip(names, stacked.tolist()))  # the one host synchronisation of the step
         n = y.shape[0]
         self.step += 1
         self.batch += 1

@@ -13,9 +13,9 @@ TINY = dict(DATASET="embedded", IMAGE_SIZE=32, BATCH_SIZE=16, LR=0.05, MOMENTUM=
             ALGORITHMS=["vanilla", "rubi", "random", "guided"], UNIMODAL=True, EMBEDDED_PER_CLASS=16,
             EMBEDDED_TEST_PER_CLASS=4, NUM_WORKERS=0, PROGRESS=False)
 DEFAULTS = dict(DATASET="modelnet40", DATA_DIR="", DATA_URL="", make_npy_files=False, VIEWS=None, IMAGE_SIZE=None,
-                BATCH_SIZE=None, LR=None, MOMENTUM=None, MAX_EPOCHS=None, ALGORITHMS=["vanilla", "rubi", "random",
-                                                                                       "guided"],
-                UNIMODAL=True, EPSILON=None, WINDOW=None, SEEDS=[0, 1, 2], LOG_DIR="logging", CKPT_DIR="checkpoints",
+                BATCH_SIZE=None, LR=None, MOMENTUM=None, MAX_EPOCHS=None,
+                ALGORITHMS=["vanilla", "rubi", "random", "guided"], UNIMODAL=True, EPSILON=None, WINDOW=None,
+                OGM_ALPHA=None, GBLEND_PERIOD=None, SEEDS=[0, 1, 2], LOG_DIR="logging", CKPT_DIR="checkpoints",
                 RESUME=True, NUM_WORKERS=2, EMBEDDED_PER_CLASS=120, EMBEDDED_TEST_PER_CLASS=40, PRECISION="auto",
                 PROGRESS=True)
 
@@ -50,6 +50,10 @@ def test_plan_fills_the_paper_presets_per_dataset():
                                      UNIMODAL=False, DATA_URL="http://mirror/x.tar.gz"))
     assert (mine.train.lr, mine.data.batch_size, mine.data.views, mine.algorithms) == (0.02, 4, (2, 2), ["guided"])
     assert mine.data.url == "http://mirror/x.tar.gz"
+    balancers = plan_from_parameters(dict(DEFAULTS, ALGORITHMS=["gblend", "vanilla", "ogm_ge"], OGM_ALPHA=0.5,
+                                          GBLEND_PERIOD=2))
+    assert balancers.algorithms == ["unimodal_m0", "unimodal_m1", "vanilla", "ogm_ge", "gblend"]
+    assert (balancers.train.ogm_alpha, balancers.train.gblend_period) == (0.5, 2)
 
 
 @pytest.mark.parametrize("name, value, message", [

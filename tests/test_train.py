@@ -543,7 +543,8 @@ def test_bad_data_settings(kwargs, message):
 def test_presets():
     paper = TrainConfig.paper()
     assert (paper.lr, paper.momentum, paper.weight_decay, paper.max_epochs) == (0.1, 0.0, 0.0, 300)
-    assert (paper.plateau_factor, paper.plateau_patience, paper.plateau_threshold, paper.min_lr) == (0.3, 10, 1e-3, 1e-6)
+    assert (paper.plateau_factor, paper.plateau_patience, paper.plateau_threshold, paper.min_lr) == (
+        0.3, 10, 1e-3, 1e-6)
     assert (paper.epsilon, paper.window, paper.full_acc_epochs) == (0.01, 5, 5)
     data = DataConfig.paper()
     assert (data.dataset, data.views, data.batch_size, data.val_fraction, data.image_size) == (

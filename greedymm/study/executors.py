@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 
 from ..data import build_loaders
-from ..experiment import ModelFn, _make_model, run_one
+from ..experiment import ModelFn, make_model, run_one
 from ..regularization import sparsity
 from ..train import default_device, load_checkpoint
 from .grid import RunSpec
@@ -77,8 +77,8 @@ def best_sparsity(spec: RunSpec, best_path: str, device: torch.device) -> float:
     """
     data = spec.data_config()
     loaders = build_loaders(data, device, spec.seed, progress=False)
-    channels = tuple(getattr(loaders, "channels", (3, 3)))
-    model = _make_model(data, spec.algorithm, spec.seed, len(loaders.classes), channels, model_factory(spec.model))
+    channels = tuple(loaders.channels)
+    model = make_model(data, spec.algorithm, spec.seed, len(loaders.classes), channels, model_factory(spec.model))
     model.load_state_dict(load_checkpoint(best_path, map_location="cpu")["model"])
     return sparsity(model, spec.tau)
 
