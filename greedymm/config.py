@@ -192,7 +192,7 @@ class TrainConfig:
     rubi_bias: str = "m0"  # rubi: the bias modality whose branch feeds the bias-only classifier ("m0" or "m1")
     ogm_alpha: float = 0.1  # ogm_ge: alpha in k = 1 - tanh(alpha * rho) (theirs: 0.1-0.8; 0.1 damps near-ties little)
     ogm_start_epoch: int = 0  # ogm_ge: epochs trained before the modulation (and its GE noise) starts
-    ogm_end_epoch: Optional[int] = None  # ogm_ge: modulation (and noise) ends once this many epochs are done (None: never)
+    ogm_end_epoch: Optional[int] = None  # ogm_ge: modulation (and noise) ends after this many epochs (None: never)
     gblend_period: int = 3  # gblend: n, the epochs between two re-estimations of the blending weights
     seed: int = 0  # seeds weights, data order, augmentation and the random schedule
     precision: str = "auto"  # "auto" (CUDA: bf16 from capability 8.0, fp16 below; CPU: fp32), "fp32", "bf16", "fp16"
