@@ -434,17 +434,8 @@ def test_corrupt_mnist_files_give_a_clear_error(tmp_path, no_mirrors, damage, me
 # Several processes preparing at once
 
 
-def _prepare_in_child(cfg: DataConfig, ready: Path, out: "multiprocessing.Queue") -> None:
-    ready.touch()
-    cache = prepare_data(cfg, progress=False)
-    out.put(os.stat(cache / "manifest.json").st_ino)
-
-
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the children inherit a patch")
-def test_two_processes_build_the_cache_once(tmp_path, monkeypatch):
-    from filelock import FileLock
-
-    builds = tmp_path / "builds.txt"
+def _prepare_in_child(cfg: DataConfig, ready: Path, out: "multiprocessing.Queue", builds: Path) -> None:
+    """A child process (spawned: no fork from a process whose torch runs threads) that counts its builds."""
     make = digits.make_digit_splits
 
     def counting(*args, **kwargs):
@@ -453,15 +444,24 @@ def test_two_processes_build_the_cache_once(tmp_path, monkeypatch):
         time.sleep(0.3)  # a slow build: the other process must wait for it, not start its own
         return make(*args, **kwargs)
 
-    monkeypatch.setattr(digits, "make_digit_splits", counting)
-    ctx = multiprocessing.get_context("fork")  # the test's children inherit the patch
+    digits.make_digit_splits = counting
+    ready.touch()
+    cache = prepare_data(cfg, progress=False)
+    out.put(os.stat(cache / "manifest.json").st_ino)
+
+
+def test_two_processes_build_the_cache_once(tmp_path):
+    from filelock import FileLock
+
+    builds = tmp_path / "builds.txt"
+    ctx = multiprocessing.get_context("spawn")
     for force, expected_builds in ((False, 1), (True, 2)):
         cfg = DataConfig.smoke_digits(data_dir=str(tmp_path), make_npy_files=force)
         out = ctx.Queue()
         lock = FileLock(str(tmp_path / LOCK_NAME))
         lock.acquire()  # both children block on it, having looked at the cache
         ready = [tmp_path / f"ready{i}" for i in range(2)]
-        children = [ctx.Process(target=_prepare_in_child, args=(cfg, r, out)) for r in ready]
+        children = [ctx.Process(target=_prepare_in_child, args=(cfg, r, out, builds)) for r in ready]
         for child in children:
             child.start()
         deadline = time.time() + 20
