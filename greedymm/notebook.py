@@ -16,7 +16,8 @@ PARAMETERS: Dict[str, Tuple[str, bool]] = {
     "ALGORITHMS": ("list[str]", False), "UNIMODAL": ("bool", False), "EPSILON": ("float", True),
     "WINDOW": ("int", True), "OGM_ALPHA": ("float", True), "GBLEND_PERIOD": ("int", True),
     "SEEDS": ("list[int]", False), "LOG_DIR": ("str", False), "CKPT_DIR": ("str", False),
-    "RESUME": ("bool", False), "NUM_WORKERS": ("int", False), "EMBEDDED_PER_CLASS": ("int", False),
+    "RESUME": ("bool", False), "EVAL_TEST": ("bool", False), "NUM_WORKERS": ("int", False),
+    "EMBEDDED_PER_CLASS": ("int", False),
     "EMBEDDED_TEST_PER_CLASS": ("int", False), "PRECISION": ("str", False), "PROGRESS": ("bool", False),
 }
 _EXAMPLES = {"list[int]": "[0, 1, 2]", "list[float]": "[0.001, 0.01, 0.1]", "list[str]": '["vanilla", "guided"]',
@@ -100,6 +101,7 @@ def plan_from_parameters(values: Mapping[str, Any]) -> ExperimentPlan:
                 batch_size=v.get("BATCH_SIZE")))
     train = TrainConfig.for_dataset(
         v["DATASET"], log_dir=v["LOG_DIR"], ckpt_dir=v["CKPT_DIR"], precision=v.get("PRECISION", "auto"),
+        eval_test=v.get("EVAL_TEST", True),
         **given(lr=v.get("LR"), momentum=v.get("MOMENTUM"), max_epochs=v.get("MAX_EPOCHS"),
                 epsilon=v.get("EPSILON"), window=v.get("WINDOW"), ogm_alpha=v.get("OGM_ALPHA"),
                 gblend_period=v.get("GBLEND_PERIOD")))

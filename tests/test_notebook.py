@@ -16,8 +16,8 @@ DEFAULTS = dict(DATASET="modelnet40", DATA_DIR="", DATA_URL="", make_npy_files=F
                 BATCH_SIZE=None, LR=None, MOMENTUM=None, MAX_EPOCHS=None,
                 ALGORITHMS=["vanilla", "rubi", "random", "guided"], UNIMODAL=True, EPSILON=None, WINDOW=None,
                 OGM_ALPHA=None, GBLEND_PERIOD=None, SEEDS=[0, 1, 2], LOG_DIR="logging", CKPT_DIR="checkpoints",
-                RESUME=True, NUM_WORKERS=2, EMBEDDED_PER_CLASS=120, EMBEDDED_TEST_PER_CLASS=40, PRECISION="auto",
-                PROGRESS=True)
+                RESUME=True, EVAL_TEST=True, NUM_WORKERS=2, EMBEDDED_PER_CLASS=120, EMBEDDED_TEST_PER_CLASS=40,
+                PRECISION="auto", PROGRESS=True)
 
 
 def notebook_defaults() -> dict:

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from greedymm.study import plot_cls_cur, plot_pairs, plot_regularization, plot_sensitivity, spearman, summary_table
+from greedymm.study import (plot_cls_cur, plot_pair_kinds, plot_regularization, plot_sensitivity, spearman,
+                            summary_table)
 from greedymm.study.figures import rank
 from greedymm.study.records import append_record, read_records
 
@@ -53,7 +54,7 @@ def test_rank_and_spearman_by_hand():
 
 
 def test_pairs_figure_plots_every_run_and_the_means(records):
-    fig = plot_pairs(records)
+    fig = plot_pair_kinds(records)
     ax_util, ax_speed = fig.axes
     means = lines(ax_util, "mean:")
     assert means["mean:distinct"].get_ydata()[0] == pytest.approx(0.2)
@@ -116,7 +117,7 @@ def test_sensitivity_figure_sweeps(records):
 
 
 def test_figures_without_runs_say_so():
-    for plot in (plot_pairs, plot_cls_cur, plot_regularization, plot_sensitivity):
+    for plot in (plot_pair_kinds, plot_cls_cur, plot_regularization, plot_sensitivity):
         fig = plot([{"status": "failed", "dataset": "embedded", "pair": "distinct", "seed": 0}])
         assert any("no finished run" in t.get_text() for ax in fig.axes for t in ax.texts), plot.__name__
 

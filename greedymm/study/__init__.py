@@ -2,8 +2,8 @@
 ordinary runs, executed locally, in worker processes or with Ray, recorded in runs.jsonl, and the studies' figures.
 """
 from .executors import EXECUTORS, LocalExecutor, ProcessExecutor, RayExecutor, execute_run, make_executor
-from .figures import (FIGURES, plot_cls_cur, plot_pairs, plot_regularization, plot_sensitivity, spearman,
-                      summary_table)
+from .figures import (FIGURES, plot_cls_cur, plot_pair_kinds, plot_regularization, plot_sensitivity,
+                      spearman, summary_table)
 from .grid import PAIR_KINDS, Grid, RunSpec, Study, expand, log_space
 from .presets import greedy_learner, paper_studies, regularization, sensitivity
 from .records import append_record, read_records, study_dir
@@ -11,6 +11,6 @@ from .runner import StudyResult, load_study, run_study
 
 __all__ = ["EXECUTORS", "FIGURES", "PAIR_KINDS", "Grid", "LocalExecutor", "ProcessExecutor", "RayExecutor", "RunSpec",
            "Study", "StudyResult", "append_record", "execute_run", "expand", "greedy_learner", "load_study",
-           "log_space", "make_executor", "paper_studies", "plot_cls_cur", "plot_pairs", "plot_regularization",
-           "plot_sensitivity", "read_records", "regularization", "run_study", "sensitivity", "spearman",
-           "summary_table", "study_dir"]
+           "log_space", "make_executor", "paper_studies", "plot_cls_cur", "plot_pair_kinds",
+           "plot_regularization", "plot_sensitivity", "read_records", "regularization", "run_study", "sensitivity",
+           "spearman", "summary_table", "study_dir"]

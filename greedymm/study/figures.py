@@ -78,7 +78,7 @@ def _log_x(ax, xs: Sequence[float]) -> None:
         ax.set_xscale("symlog", linthresh=min(positive))
 
 
-def plot_pairs(records: Sequence[dict], keys: Sequence[str] = ("d_util", "d_speed")) -> Figure:
+def plot_pair_kinds(records: Sequence[dict], keys: Sequence[str] = ("d_util", "d_speed")) -> Figure:
     """Fig. 2: the distributions of d_util and d_speed for identical versus distinct pairs, per dataset, with means.
 
     Each run is a point (jittered sideways), each pair kind's mean a black bar labelled with its value.
@@ -281,7 +281,7 @@ def summary_table(records: Sequence[dict], by: Sequence[str], keys: Sequence[str
 
 # The figures a Study names in its `figures` (greedymm.study.grid.FIGURE_NAMES).
 FIGURES: Mapping[str, Callable[[Sequence[dict]], Figure]] = {
-    "pairs": plot_pairs, "cls_cur": plot_cls_cur, "regularization": plot_regularization,
+    "pairs": plot_pair_kinds, "cls_cur": plot_cls_cur, "regularization": plot_regularization,
     "sensitivity": plot_sensitivity,
 }
 
