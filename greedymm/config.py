@@ -170,6 +170,10 @@ class DataConfig:
         return cls(**{**base, **overrides})
 
 
+# `TrainConfig.quick()`: the embedded dataset's few-minute CPU protocol
+QUICK_TRAIN = dict(lr=0.05, momentum=0.9, max_epochs=8, plateau_patience=2)
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, balancing and bookkeeping of one training run (SPEC Sec. 4-6)."""
@@ -283,8 +287,7 @@ class TrainConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> "TrainConfig":
         """A few-minute CPU run on the embedded dataset."""
-        base = dict(lr=0.05, momentum=0.9, max_epochs=8, plateau_patience=2)
-        return cls(**{**base, **overrides})
+        return cls(**{**QUICK_TRAIN, **overrides})
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
@@ -297,7 +300,7 @@ class TrainConfig:
         """
         digits = dict(lr=0.01, momentum=0.9, epsilon=0.1, window=5)
         presets = {"modelnet40": {}, "colored_mnist": digits, "colored_digits": digits,
-                   "embedded": dict(lr=0.05, momentum=0.9, max_epochs=8, plateau_patience=2)}
+                   "embedded": QUICK_TRAIN}
         if dataset not in presets:
             raise ValueError(f"dataset={dataset!r} is unknown; allowed: {', '.join(presets)}")
         return cls(**{**presets[dataset], **overrides})

@@ -341,12 +341,15 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
         table: from `summarize`.
         paper: a column of PAPER_TABLE1 (e.g. `paper_column("modelnet40")`) to show beside ours.
     Returns:
-        Markdown text. "seeds" counts the runs whose figures are averaged, and names failed seeds; the better
-        uni-modal row is marked "(best)" and carries the paper's uni-modal (best) figure.
+        Markdown text: mean ± std over valid seeds (the mean alone for one seed). "seeds" counts the runs whose
+        figures are averaged, and names failed seeds; the better uni-modal row is marked "(best)" and carries the
+        paper's uni-modal (best) figure.
     """
     def pm(cell: tuple, scale: float = 1.0, digits: int = 3) -> str:
         mean, std, n = cell
-        return "n/a" if n == 0 else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+        if n < 2:  # one seed has no spread to report; "± 0.00" would read as seeds that agree
+            return "n/a" if n == 0 else f"{mean * scale:.{digits}f}"
+        return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
     best = best_unimodal(table)
     # the escaped bar keeps u(m1|m0) from splitting a Markdown table cell

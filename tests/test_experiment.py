@@ -65,7 +65,7 @@ def test_table_rows_in_the_papers_order_with_the_best_unimodal_marked():
     assert list(table) == ["unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided"]
     assert best_unimodal(table) == "unimodal_m0"
     lines = format_table(table, PAPER_MODELNET40).splitlines()
-    assert lines[2].startswith("| unimodal_m0 (best) | 1 | 89.00 ± 0.00 | n/a | n/a |")
+    assert lines[2].startswith("| unimodal_m0 (best) | 1 | 89.00 | n/a | n/a |")
     assert "89.34 ± 0.39" in lines[2] and "89.34" not in lines[3]
     assert "90.45 ± 0.58" in lines[5] and "≈ -0.1" in lines[4]
     assert paper_column("colored_digits") is PAPER_TABLE1["colored_mnist"] and paper_column("embedded") is None
@@ -75,8 +75,10 @@ def test_format_table_with_the_papers_numbers():
     text = format_table(summarize([fake_run("vanilla", 0, 0.9009, -0.1)]), PAPER_MODELNET40)
     header, rule, row = text.splitlines()
     assert "paper acc %" in header and rule.count("---") == 11
-    assert "| vanilla | 1 | 90.09 ± 0.00 |" in row and "90.09 ± 0.58" in row and "≈ -0.1" in row
+    assert "| vanilla | 1 | 90.09 |" in row and "90.09 ± 0.58" in row and "≈ -0.1" in row
     assert PAPER_MODELNET40["guided"]["acc"] == (91.37, 0.28)
+    two = format_table(summarize([fake_run("vanilla", 0, 0.90, -0.1), fake_run("vanilla", 1, 0.92, -0.3)]))
+    assert "| vanilla | 2 | 91.00 ± 1.00 |" in two and "-0.200 ± 0.100" in two
 
 
 def test_run_names_carry_every_setting_that_changes_a_run():

@@ -126,3 +126,25 @@ def test_notebook_runs_all_six_rows_shows_every_figure_and_resumes(tmp_path):
     assert again["steps_this_call"] == 0
     assert [r["steps"] for r in again["runs"]] == [r["steps"] for r in runs]
     assert [r["d_util"] for r in again["runs"]] == pytest.approx([r["d_util"] for r in runs], nan_ok=True)
+
+
+@pytest.mark.parametrize("name, dataset, image_size, epochs", [("notebook_embedded.yaml", "embedded", 48, 5),
+                                                                ("notebook_digits.yaml", "colored_digits", 16, 30)])
+def test_the_make_targets_settings_are_known_parameters_of_the_right_types(name, dataset, image_size, epochs):
+    yaml = pytest.importorskip("yaml")  # papermill's own dependency
+    values = yaml.safe_load((ROOT / name).read_text())
+    assert set(values) <= set(notebook_defaults()), f"{name} names settings the notebook does not have"
+    plan = plan_from_parameters(dict(DEFAULTS, **values))
+    assert (plan.data.dataset, plan.data.image_size, plan.train.max_epochs) == (dataset, image_size, epochs)
+    assert plan.algorithms[:2] == ["unimodal_m0", "unimodal_m1"] and not plan.train.eval_test
+
+
+@pytest.mark.parametrize("notebook", ["greedy_multimodal.ipynb", "paper_studies.ipynb"])
+def test_papermill_parses_every_parameter(notebook):
+    # papermill reads the parameters cell line by line; a line it cannot parse (e.g. '=' in a comment) leaves that
+    # setting "unknown": `papermill -p` still injects it, but `papermill --help-notebook` and tools hide it
+    pm = pytest.importorskip("papermill")
+    nb = json.loads((ROOT / notebook).read_text())
+    cell = "".join(next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))["source"])
+    assigned = {line.split("=")[0].strip() for line in cell.splitlines() if line and not line.startswith("#")}
+    assert set(pm.inspect_notebook(str(ROOT / notebook))) == assigned

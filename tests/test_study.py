@@ -18,6 +18,7 @@ from greedymm.regularization import sparsity
 from greedymm.study import Grid, Study, expand, load_study, log_space, make_executor, run_study
 from greedymm.study.executors import ProcessExecutor
 from greedymm.study.grid import pair_views
+from greedymm.study.presets import sensitivity
 from greedymm.study.records import append_record, finished_keys, latest, read_records
 from greedymm.train import train
 
@@ -93,6 +94,28 @@ def test_grids_union_runs_once():
     b = Grid(datasets=("embedded",), algorithms=("guided",), epsilons=(0.01,), windows=(2, 5))
     specs = expand(Study("union", (a, b)))
     assert sorted((s.epsilon, s.window) for s in specs) == [(0.01, 2), (0.01, 5), (0.1, 5)]
+
+
+def test_sensitivity_sweeps_the_balancers_settings_only_for_their_algorithm(tmp_path):
+    study = sensitivity("embedded", epsilons=(0.01, 0.1), windows=(5,), seeds=(0,), alphas=(0.1, 0.8),
+                        periods=(2,), data={"image_size": 32})
+    specs = expand(study, tmp_path / "log", tmp_path / "ck")
+    by_alg = {a: [s for s in specs if s.algorithm == a] for a in ("guided", "ogm_ge", "gblend")}
+    assert len(specs) == 2 + 2 + 1 and {len(v) for v in by_alg.values()} == {2, 1}
+    assert sorted(s.ogm_alpha for s in by_alg["ogm_ge"]) == [0.1, 0.8]
+    assert all(s.epsilon is None and s.window is None and s.gblend_period is None for s in by_alg["ogm_ge"])
+    assert all(s.ogm_alpha is None and s.gblend_period is None for s in by_alg["guided"])
+    (gb,) = by_alg["gblend"]
+    assert gb.gblend_period == 2 and gb.train["gblend_period"] == 2 and gb.ogm_alpha is None
+    o = next(s for s in by_alg["ogm_ge"] if s.ogm_alpha == 0.8)
+    data = DataConfig(dataset="embedded", image_size=32)
+    assert o.train["ogm_alpha"] == 0.8
+    assert o.run_name == run_name(data, TrainConfig.for_dataset("embedded", ogm_alpha=0.8), "ogm_ge", 0)
+    assert o.settings()["ogm_alpha"] == 0.8 and o.settings()["gblend_period"] is None
+    # the preset grids: four alphas and four periods; an empty sweep drops that balancer
+    assert [len(g.ogm_alphas) for g in sensitivity("embedded").grids if g.algorithms == ("ogm_ge",)] == [4]
+    none = sensitivity("embedded", alphas=(), periods=())
+    assert {a for g in none.grids for a in g.algorithms} == {"guided"}
 
 
 def test_preset_lr_and_grid_order():

@@ -116,6 +116,24 @@ def test_sensitivity_figure_sweeps(records):
     assert ax_eps_acc.get_xscale() == "log"
 
 
+def test_sensitivity_figure_adds_a_row_per_balancer_sweep(records):
+    guided = [rec(algorithm="guided", epsilon=0.01, window=5, acc=0.8, d_util=0.1)]
+    ogm = [rec(algorithm="ogm_ge", ogm_alpha=a, seed=s, acc=acc, d_util=du)
+           for a, s, acc, du in [(0.1, 0, 0.70, -0.4), (0.1, 1, 0.80, -0.2), (0.8, 0, 0.90, 0.1)]]
+    blend = [rec(algorithm="gblend", gblend_period=n, acc=acc, d_util=du) for n, acc, du in [(1, 0.5, -0.5),
+                                                                                             (3, 0.6, -0.3)]]
+    fig = plot_sensitivity(guided + ogm + blend + records)
+    axes = np.array(fig.axes).reshape(4, 2)
+    alpha = lines(axes[2, 0], "acc:")["acc:ogm_alpha:modelnet40:distinct"]
+    np.testing.assert_allclose(alpha.get_xdata(), [0.1, 0.8])
+    np.testing.assert_allclose(alpha.get_ydata(), [0.75, 0.90])  # the mean over seeds 0 and 1 at alpha 0.1
+    period = lines(axes[3, 1], "d_util:")["d_util:gblend_period:modelnet40:distinct"]
+    np.testing.assert_allclose(period.get_xdata(), [1, 3])
+    np.testing.assert_allclose(period.get_ydata(), [-0.5, -0.3])
+    assert "ogm_ge" in axes[2, 1].get_title() and "gblend" in axes[3, 0].get_title()
+    assert len(plot_sensitivity(guided + blend).axes) == 6  # no OGM-GE runs: no OGM-GE row
+
+
 def test_figures_without_runs_say_so():
     for plot in (plot_pair_kinds, plot_cls_cur, plot_regularization, plot_sensitivity):
         fig = plot([{"status": "failed", "dataset": "embedded", "pair": "distinct", "seed": 0}])
@@ -137,7 +155,8 @@ NOTEBOOK = dict(DATASET="modelnet40", DATA_DIR=None, IMAGE_SIZE=None, BATCH_SIZE
                 EMBEDDED_PER_CLASS=None, EMBEDDED_TEST_PER_CLASS=None, MODEL="", GREEDY=True, GREEDY_LRS=None,
                 GREEDY_SEEDS=None, GREEDY_PAIRS=["distinct", "identical"], REGULARIZATION=True, REG_L1S=None,
                 REG_LR=None, REG_SEEDS=[0, 1, 2], TAU=0.001, SENSITIVITY=True, SENS_EPSILONS=None,
-                SENS_WINDOWS=None, SENS_SEEDS=[0, 1, 2], EXECUTOR="local", WORKERS=None, THREADS=None,
+                SENS_WINDOWS=None, SENS_ALPHAS=None, SENS_PERIODS=None, SENS_SEEDS=[0, 1, 2], EXECUTOR="local",
+                WORKERS=None, THREADS=None,
                 RUNS_PER_GPU=1, RAY_ADDRESS=None, RAY_CPUS_PER_RUN=1, RAY_GPUS_PER_RUN=None, LOG_DIR="logging",
                 CKPT_DIR="checkpoints")
 
@@ -153,8 +172,11 @@ def test_notebook_defaults_are_the_papers_grids():
     assert len(reg.grids[0].l1s) == 10 and reg.grids[0].lrs == (0.1,) and reg.data["batch_size"] == 8
     assert reg.train["momentum"] == 0.0 and reg.grids[0].pairs == ("distinct",)
     sens = plan.studies["sensitivity"]
-    assert {(len(g.epsilons), len(g.windows)) for g in sens.grids} == {(5, 1), (1, 5)}
+    guided = [g for g in sens.grids if g.algorithms == ("guided",)]
+    assert {(len(g.epsilons), len(g.windows)) for g in guided} == {(5, 1), (1, 5)}
     assert len(sens.grids[0].seeds) == 3 and sens.grids[0].algorithms == ("guided",)
+    assert [(g.algorithms, len(g.ogm_alphas), len(g.gblend_periods)) for g in sens.grids[2:]] == [
+        (("ogm_ge",), 4, 1), (("gblend",), 1, 4)]
     assert plan.executor.name == "local"
 
 

@@ -15,7 +15,8 @@ from .records import ok_records
 PAIR_COLORS = {"distinct": "tab:red", "identical": "tab:blue"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
 LABELS = {"d_util": "$d_\\mathrm{util}$", "d_speed": "$d_\\mathrm{speed}$", "rho": "$\\rho$",
-          "acc": "test accuracy", "epsilon": "$\\varepsilon$", "window": "$W$", "l1": "$\\lambda$"}
+          "acc": "test accuracy", "epsilon": "$\\varepsilon$", "window": "$W$", "l1": "$\\lambda$",
+          "ogm_alpha": "$\\alpha$", "gblend_period": "$n$"}
 
 
 def rank(values: Sequence[float]) -> np.ndarray:
@@ -199,25 +200,36 @@ def plot_regularization(records: Sequence[dict], tau: Optional[float] = None) ->
     return fig
 
 
+# The sensitivity figure's rows: (algorithm, swept setting, setting held fixed or None, what the setting is).
+SWEEPS = (("guided", "epsilon", "window", "imbalance tolerance"),
+          ("guided", "window", "epsilon", "re-balancing window"),
+          ("ogm_ge", "ogm_alpha", None, "OGM-GE modulation strength"),
+          ("gblend", "gblend_period", None, "Gradient Blending period, epochs"))
+
+
 def plot_sensitivity(records: Sequence[dict]) -> Figure:
-    """Fig. 9: guided training's test accuracy and d_util against epsilon (top) and against W (bottom).
+    """Fig. 9: guided training's test accuracy and d_util against epsilon and against W; below, when the study has
+    them, the balancers' analogues: OGM-GE against alpha and Gradient Blending against its period n.
 
     Curves are mean +- std over seeds; in the epsilon row one curve per W (and per dataset and pair), in the W row
     one per epsilon; curves of a single point (the other sweep's shared setting) are left out when longer ones exist.
 
     Args:
-        records: runs.jsonl records; only guided runs count.
+        records: runs.jsonl records; each row counts only its algorithm's runs.
     Returns:
-        The 2 x 2 figure; each curve's line carries gid "<figure>:<x>:<dataset>:<pair>:<other>=<value>".
+        The figure, one row per sweep (guided's two always) and two columns (acc, d_util); each curve's line carries
+        gid "<figure>:<x>:<dataset>:<pair>" (guided's rows add ":<other>=<value>").
     """
-    ok = [r for r in ok_records(records, ("epsilon", "window")) if r.get("algorithm") == "guided"]
-    fig = Figure(figsize=(9.0, 6.6), layout="constrained")
-    axes = fig.subplots(2, 2, squeeze=False)
-    several = len({(r["dataset"], r["pair"]) for r in ok}) > 1
-    for row, (x_key, other) in enumerate((("epsilon", "window"), ("window", "epsilon"))):
+    rows = [(alg, x_key, other, meaning) for alg, x_key, other, meaning in SWEEPS
+            if alg == "guided" or any(r.get("algorithm") == alg for r in ok_records(records, (x_key,)))]
+    fig = Figure(figsize=(9.0, 3.3 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for row, (alg, x_key, other, meaning) in enumerate(rows):
+        ok = [r for r in ok_records(records, (x_key,) + ((other,) if other else ())) if r.get("algorithm") == alg]
+        several = len({(r["dataset"], r["pair"]) for r in ok}) > 1
         groups: Dict[tuple, List[dict]] = {}
         for r in ok:
-            groups.setdefault((r["dataset"], r["pair"], r[other]), []).append(r)
+            groups.setdefault((r["dataset"], r["pair"], r[other] if other else None), []).append(r)
         long = {g: rs for g, rs in groups.items() if len({r[x_key] for r in rs}) > 1}
         groups = long or groups
         for col, key in enumerate(("acc", "d_util")):
@@ -228,23 +240,22 @@ def plot_sensitivity(records: Sequence[dict]) -> Figure:
                 if not rs:
                     continue
                 xs, means, stds = _series(rs, x_key, key)
-                name = f"{'ε' if other == 'epsilon' else 'W'} = {value:g}"
+                name = f"{'ε' if other == 'epsilon' else 'W'} = {value:g}" if other else alg
                 bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=f"C{n}",
                                    label=f"{dataset}, {pair}, {name}" if several else name)
-                bars.lines[0].set_gid(f"{key}:{x_key}:{dataset}:{pair}:{other}={value:g}")
+                bars.lines[0].set_gid(f"{key}:{x_key}:{dataset}:{pair}" + (f":{other}={value:g}" if other else ""))
                 shown = True
             if shown:
                 if x_key == "epsilon":
                     _log_x(ax, [r["epsilon"] for r in ok])
                 ax.legend(fontsize=8)
             else:
-                _empty(ax, f"{key} (guided)")
+                _empty(ax, f"{key} ({alg})")
             if key == "d_util":
                 ax.axhline(0.0, color="gray", lw=0.8, ls=":")
-            meaning = " (imbalance tolerance)" if x_key == "epsilon" else " (re-balancing window)"
-            ax.set_xlabel(LABELS[x_key] + meaning)
+            ax.set_xlabel(f"{LABELS[x_key]} ({meaning})")
             ax.set_ylabel(LABELS[key])
-            ax.set_title(f"guided: {LABELS[key]} against {LABELS[x_key]}")
+            ax.set_title(f"{alg}: {LABELS[key]} against {LABELS[x_key]}")
     return fig
 
 

@@ -20,6 +20,9 @@ PAIR_KINDS = ("distinct", "identical")
 # Identical modalities (SPEC Sec. 11): one modality twice, the same image with the same flip. Renders: the front
 # view (view 0) twice; digits: the gray digit (view 1) twice.
 IDENTICAL_VIEW = {"modelnet40": 0, "embedded": 0, "colored_mnist": 1, "colored_digits": 1}
+# The per-algorithm settings a grid sweeps: TrainConfig field -> Grid axis (each used by the algorithms that
+# TrainConfig.ALGORITHM_ONLY names for it).
+SWEPT = {"epsilon": "epsilons", "window": "windows", "ogm_alpha": "ogm_alphas", "gblend_period": "gblend_periods"}
 # The figures a study can ask for (greedymm.study.figures.FIGURES draws them).
 FIGURE_NAMES = ("pairs", "cls_cur", "regularization", "sensitivity")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,8 +59,11 @@ class Grid:
     l1s: Tuple[float, ...] = (0.0,)  # L1 strengths lambda (TrainConfig.l1)
     epsilons: Tuple[Optional[float], ...] = (None,)  # guided's imbalance tolerance; None = the preset
     windows: Tuple[Optional[int], ...] = (None,)  # guided's re-balancing window W; None = the preset
+    ogm_alphas: Tuple[Optional[float], ...] = (None,)  # ogm_ge's modulation strength alpha; None = the preset
+    gblend_periods: Tuple[Optional[int], ...] = (None,)  # gblend's re-estimation period n in epochs; None = preset
 
-    AXES = ("datasets", "pairs", "algorithms", "lrs", "seeds", "l1s", "epsilons", "windows")
+    AXES = ("datasets", "pairs", "algorithms", "lrs", "seeds", "l1s", "epsilons", "windows", "ogm_alphas",
+            "gblend_periods")
 
     def __post_init__(self) -> None:
         for name in self.AXES:
@@ -138,6 +144,8 @@ class RunSpec:
     l1: float  # L1 strength lambda
     epsilon: Optional[float]  # guided's tolerance (None for algorithms without one)
     window: Optional[int]  # guided's W (None for algorithms without one)
+    ogm_alpha: Optional[float]  # ogm_ge's alpha (None for other algorithms)
+    gblend_period: Optional[int]  # gblend's n (None for other algorithms)
     tau: float  # the study's sparsity threshold
     model: str  # "" (the dataset's model) or "module:function" (Study.model)
     data: Dict[str, Any]  # the full DataConfig as a dict
@@ -165,7 +173,7 @@ class RunSpec:
         return {"study": self.study, "key": self.key, "run_name": self.run_name, "dataset": self.dataset,
                 "pair": self.pair, "views": list(self.views), "model": self.model, "algorithm": self.algorithm,
                 "lr": self.lr, "seed": self.seed, "l1": self.l1, "epsilon": self.epsilon, "window": self.window,
-                "tau": self.tau,
+                "ogm_alpha": self.ogm_alpha, "gblend_period": self.gblend_period, "tau": self.tau,
                 "batch_size": data.batch_size, "image_size": data.image_size, "momentum": train.momentum,
                 "max_epochs": train.max_epochs, "max_steps": train.max_steps,
                 "data": data.identity(), "train": train.identity()}
@@ -200,10 +208,11 @@ def pair_views(dataset: str, pair: Pair, default_views: Tuple[int, int]) -> Tupl
 
 def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[str, Path] = "checkpoints",
            data_dir: Optional[Union[str, Path]] = None) -> List[RunSpec]:
-    """The runs of a study, in grid order (datasets, pairs, algorithms, lrs, l1s, epsilons, windows, seeds).
+    """The runs of a study, in grid order (datasets, pairs, algorithms, lrs, l1s, epsilons, windows, ogm_alphas,
+    gblend_periods, seeds).
 
-    Settings an algorithm does not use (epsilon and W outside guided) are not expanded for it, and a run that two
-    grids share appears once.
+    Settings an algorithm does not use (epsilon and W outside guided, alpha outside ogm_ge, n outside gblend) are
+    not expanded for it, and a run that two grids share appears once.
 
     Args:
         study: the Study.
@@ -225,12 +234,13 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
             except ValueError as err:
                 raise ValueError(f"study {study.name!r}, dataset {dataset!r}, pair {pair!r}: {err}") from None
             preset = TrainConfig.for_dataset(dataset, **study.train)
-            uses_eps = algorithm in algorithm_only.get("epsilon", (algorithm,))
-            uses_w = algorithm in algorithm_only.get("window", (algorithm,))
-            epsilons = grid.epsilons if uses_eps else (None,)
-            windows = grid.windows if uses_w else (None,)
-            for lr, l1, eps, w, seed in itertools.product(grid.lrs, grid.l1s, epsilons, windows, grid.seeds):
-                chosen = {k: v for k, v in dict(lr=lr, epsilon=eps, window=w).items() if v is not None}
+            # an axis an algorithm does not use collapses to its preset: (None,)
+            axes = {field: getattr(grid, axis) if algorithm in algorithm_only[field] else (None,)
+                    for field, axis in SWEPT.items()}
+            for lr, l1, eps, w, alpha, period, seed in itertools.product(
+                    grid.lrs, grid.l1s, *axes.values(), grid.seeds):
+                chosen = {k: v for k, v in dict(lr=lr, epsilon=eps, window=w, ogm_alpha=alpha,
+                                                 gblend_period=period).items() if v is not None}
                 try:
                     train = dataclasses.replace(preset, algorithm=algorithm, seed=int(seed), l1=float(l1), **chosen,
                                                 **paths)
@@ -238,8 +248,9 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
                     raise ValueError(f"study {study.name!r}: {err}") from None
                 name = run_name(data, train, algorithm, int(seed), study.model)
                 train = dataclasses.replace(train, run_name=name, progress=False)
+                own = {field: getattr(train, field) if algorithm in algorithm_only[field] else None for field in SWEPT}
                 spec = RunSpec(study.name, dataset, label, views, algorithm, train.lr, int(seed), train.l1,
-                               train.epsilon if uses_eps else None, train.window if uses_w else None, study.tau,
+                               own["epsilon"], own["window"], own["ogm_alpha"], own["gblend_period"], study.tau,
                                study.model, to_dict(data), to_dict(train), name)
                 specs.setdefault(spec.key, spec)
     return list(specs.values())

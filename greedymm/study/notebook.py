@@ -21,7 +21,7 @@ STUDY_PARAMETERS: Dict[str, Tuple[str, bool]] = {
     "REGULARIZATION": ("bool", False), "REG_L1S": ("list[float]", True), "REG_LR": ("float", True),
     "REG_SEEDS": ("list[int]", False), "TAU": ("float", False),
     "SENSITIVITY": ("bool", False), "SENS_EPSILONS": ("list[float]", True), "SENS_WINDOWS": ("list[int]", True),
-    "SENS_SEEDS": ("list[int]", False),
+    "SENS_ALPHAS": ("list[float]", True), "SENS_PERIODS": ("list[int]", True), "SENS_SEEDS": ("list[int]", False),
     "EXECUTOR": ("str", False), "WORKERS": ("int", True), "THREADS": ("int", True), "RUNS_PER_GPU": ("int", False),
     "RAY_ADDRESS": ("str", True), "RAY_CPUS_PER_RUN": ("float", False), "RAY_GPUS_PER_RUN": ("float", True),
     "LOG_DIR": ("str", False), "CKPT_DIR": ("str", False),
@@ -78,6 +78,7 @@ def plan_from_parameters(values: Mapping[str, Any]) -> StudyPlan:
     if v.get("SENSITIVITY", True):
         studies["sensitivity"] = sensitivity(dataset, epsilons=given(v.get("SENS_EPSILONS")),
                                              windows=given(v.get("SENS_WINDOWS")),
+                                             alphas=given(v.get("SENS_ALPHAS")), periods=given(v.get("SENS_PERIODS")),
                                              seeds=tuple(v.get("SENS_SEEDS", (0, 1, 2))), **shared)
     name = v.get("EXECUTOR", "local")
     if name == "local":

@@ -24,6 +24,10 @@ SENSITIVITY_EPSILONS = {"modelnet40": (0.001, 0.003, 0.01, 0.03, 0.1), "digits":
 SENSITIVITY_WINDOWS = (1, 2, 5, 10, 20)
 PRESET_EPSILON = {"modelnet40": 0.01, "digits": 0.1}  # SPEC Sec. 6 and 10
 PRESET_WINDOW = 5
+# The balancers' analogues (SPEC Sec. 12; not in the paper): OGM-GE's alpha over the range its authors' code uses
+# (0.1-0.8 by dataset), Gradient Blending's re-estimation period n in epochs (ours).
+SENSITIVITY_ALPHAS = (0.1, 0.3, 0.5, 0.8)
+SENSITIVITY_PERIODS = (1, 3, 5, 10)
 
 EXPECTATIONS = {
     "greedy_learner": "Identical pairs give d_util distributed symmetrically around 0 (mean ≈ 0); distinct pairs "
@@ -33,7 +37,8 @@ EXPECTATIONS = {
     "regularization": "The sparsity rho grows with lambda, and so does |d_util| (with d_speed following the same "
                       "trend): strong regularization encourages greediness.",
     "sensitivity": "Fig. 9 shows guided training's test accuracy and d_util over a range of epsilon and of W; the "
-                   "paper states no trend in its text, and uses epsilon = 0.01, W = 5 on ModelNet40.",
+                   "paper states no trend in its text, and uses epsilon = 0.01, W = 5 on ModelNet40. The balancers' "
+                   "alpha (OGM-GE) and n (Gradient Blending) are not in the paper.",
 }
 
 
@@ -94,29 +99,39 @@ def regularization(dataset: str = "modelnet40", l1s: Optional[Sequence[float]] =
 
 def sensitivity(dataset: str = "modelnet40", epsilons: Optional[Sequence[float]] = None,
                 windows: Optional[Sequence[int]] = None, seeds: Sequence[int] = (0, 1, 2),
-                epsilon: Optional[float] = None, window: Optional[int] = None, name: Optional[str] = None,
-                **shared: Any) -> Study:
-    """The sensitivity study (Fig. 9): guided over epsilon at a fixed W, and over W at a fixed epsilon.
+                epsilon: Optional[float] = None, window: Optional[int] = None,
+                alphas: Optional[Sequence[float]] = None, periods: Optional[Sequence[int]] = None,
+                name: Optional[str] = None, **shared: Any) -> Study:
+    """The sensitivity study (Fig. 9): guided over epsilon at a fixed W, and over W at a fixed epsilon; and the
+    balancers' analogues (SPEC Sec. 12): OGM-GE over alpha, Gradient Blending over its period n.
 
     Args:
         dataset: DataConfig.dataset.
-        epsilons, windows: the two sweeps (None: SENSITIVITY_EPSILONS, SENSITIVITY_WINDOWS).
+        epsilons, windows: guided's two sweeps (None: SENSITIVITY_EPSILONS, SENSITIVITY_WINDOWS).
         seeds: the seeds.
         epsilon, window: the value each sweep holds fixed (None: the dataset's preset, SPEC Sec. 6 and 10).
+        alphas: OGM-GE's sweep (None: SENSITIVITY_ALPHAS; empty: no OGM-GE runs).
+        periods: Gradient Blending's sweep (None: SENSITIVITY_PERIODS; empty: no Gradient Blending runs).
         name: the study's name (default "sensitivity_<dataset>").
         shared: further Study fields (data, train, tau).
     Returns:
-        The Study (two grids), drawing the "sensitivity" figure.
+        The Study (two to four grids), drawing the "sensitivity" figure.
     """
     family = _family(dataset)
     epsilon = epsilon if epsilon is not None else PRESET_EPSILON[family]
     window = window if window is not None else PRESET_WINDOW
-    common = dict(datasets=(dataset,), algorithms=("guided",), seeds=tuple(seeds))
-    grids = (Grid(epsilons=tuple(epsilons if epsilons is not None else SENSITIVITY_EPSILONS[family]),
-                  windows=(window,), **common),
-             Grid(epsilons=(epsilon,), windows=tuple(windows if windows is not None else SENSITIVITY_WINDOWS),
-                  **common))
-    return Study(name or f"sensitivity_{dataset}", grids, figures=("sensitivity",),
+    alphas = tuple(alphas if alphas is not None else SENSITIVITY_ALPHAS)
+    periods = tuple(periods if periods is not None else SENSITIVITY_PERIODS)
+    common = dict(datasets=(dataset,), seeds=tuple(seeds))
+    grids = [Grid(algorithms=("guided",), epsilons=tuple(epsilons if epsilons is not None else
+                                                         SENSITIVITY_EPSILONS[family]), windows=(window,), **common),
+             Grid(algorithms=("guided",), epsilons=(epsilon,),
+                  windows=tuple(windows if windows is not None else SENSITIVITY_WINDOWS), **common)]
+    if alphas:
+        grids.append(Grid(algorithms=("ogm_ge",), ogm_alphas=alphas, **common))
+    if periods:
+        grids.append(Grid(algorithms=("gblend",), gblend_periods=periods, **common))
+    return Study(name or f"sensitivity_{dataset}", tuple(grids), figures=("sensitivity",),
                  expectation=EXPECTATIONS["sensitivity"], **{"tau": TAU, **shared})
 
 
