@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import update_results  # noqa: E402
+from bench.common import samples_per_s, update_results  # noqa: E402
 import greedymm.data.cache as cache_module  # noqa: E402
 from greedymm.data.cache import build_cache, open_split  # noqa: E402
 from greedymm.data.modelnet import MODELNET40_CLASSES  # noqa: E402
@@ -67,15 +67,7 @@ def loader_rate(images: np.ndarray, labels: np.ndarray, output: str) -> float:
 
     loader = TwoViewLoader(images, labels, views=(0, 6), batch_size=8, shuffle=True, augment=True, seed=0,
                            device="cpu", output=output, num_workers=0)
-    for _ in loader:  # warm: pages mapped, allocator primed
-        pass
-    rates = []
-    for _ in range(PASSES):
-        t0 = time.perf_counter()
-        for _ in loader:
-            pass
-        rates.append(len(images) / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return samples_per_s(loader, len(images), PASSES)
 
 
 def worker_costs(images: np.ndarray, labels: np.ndarray, method: str) -> tuple:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import update_results  # noqa: E402
+from bench.common import samples_per_s, update_results  # noqa: E402
 from greedymm.config import DataConfig  # noqa: E402
 from greedymm.data.digits import build_digits_cache  # noqa: E402
 from greedymm.data.loader import DIGITS, TwoViewLoader, cache_dir_for, dataset_splits  # noqa: E402
@@ -26,15 +26,7 @@ def loader_rate(split, indices, output: str) -> float:
     """Median samples/s over full passes of the digit training loader (batch 128, shuffled, CPU)."""
     loader = TwoViewLoader(split.images, split.labels, indices, views=(0, 1), batch_size=128, shuffle=True,
                            channels=DIGITS.channels((0, 1)), mean=DIGITS.mean, std=DIGITS.std, output=output)
-    for _ in loader:  # warm: pages mapped, allocator primed
-        pass
-    rates = []
-    for _ in range(PASSES):
-        t0 = time.perf_counter()
-        for _ in loader:
-            pass
-        rates.append(len(indices) / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return samples_per_s(loader, len(indices), PASSES)
 
 
 def main() -> None:

@@ -23,6 +23,20 @@ def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> f
     return statistics.median(times)
 
 
+def samples_per_s(loader, samples: int, passes: int) -> float:
+    """Median samples/s over `passes` full passes of `loader` (each `samples` long), after one untimed pass that maps
+    the pages and primes the allocator."""
+    for _ in loader:
+        pass
+    rates = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        rates.append(samples / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
 def update_results(figures: Dict[str, float]) -> None:
     """Merge `figures` into bench/results.json (atomic write), keeping other scripts' keys."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
