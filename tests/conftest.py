@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny deterministic two-modality dataset and model for the core tests."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -35,8 +37,18 @@ def toy_loaders():
     return (ToyLoader(48, seed=0), ToyLoader(24, seed=1, shuffle=False), ToyLoader(24, seed=2, shuffle=False))
 
 
+def fresh_model(widths=(4, 8, 8)):
+    """A seeded two-branch CNN with MMTM after each of its three stages, 4 classes (the same weights every call)."""
+    torch.manual_seed(0)
+    return mmtm_convnet(4, widths=widths)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines log (steps.jsonl, epochs.jsonl)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.fixture
 def tiny_model():
     """A seeded two-branch CNN with MMTM after each of its three stages, 4 classes."""
-    torch.manual_seed(0)
-    return mmtm_convnet(4, widths=(4, 8, 8))
+    return fresh_model()

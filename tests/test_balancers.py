@@ -3,7 +3,6 @@ noise, Gradient Blending's weights and loss, each against hand computations, and
 CLS on unmodulated gradients, exact resume, settings)."""
 import copy
 import io
-import json
 import math
 import warnings
 
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from conftest import ToyLoader
+from conftest import ToyLoader, fresh_model, read_jsonl
 from custom_branches import mlp_model, seq_image_model
 from greedymm.balance import CLS_GROUPS
 from greedymm.balancers import (GradientBlending, OGMGE, blend_weights, encoder_weights, head_losses,
@@ -29,15 +28,6 @@ def make_cfg(tmp_path, **kw):
     base = dict(lr=0.05, max_epochs=3, progress=False, log_dir=str(tmp_path / "logging"),
                 ckpt_dir=str(tmp_path / "checkpoints"), run_name="run")
     return TrainConfig(**{**base, **kw})
-
-
-def fresh_model(widths=(4, 8, 8)):
-    torch.manual_seed(0)
-    return mmtm_convnet(4, widths=widths)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def strip_time(history):

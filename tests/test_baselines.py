@@ -1,13 +1,12 @@
 """The Table-1 baselines in the trainer (SPEC Sec. 9): the uni-modal SE network and RUBi, against hand computations."""
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from conftest import ToyLoader
+from conftest import ToyLoader, fresh_model, read_jsonl
 from greedymm.balance import CLS_GROUPS
 from greedymm.baselines import RUBi, RUBiHeads, UniModal
 from greedymm.config import TrainConfig
@@ -19,15 +18,6 @@ def make_cfg(tmp_path, **kw):
     base = dict(lr=0.05, max_epochs=2, progress=False, log_dir=str(tmp_path / "logging"),
                 ckpt_dir=str(tmp_path / "checkpoints"), run_name="run")
     return TrainConfig(**{**base, **kw})
-
-
-def fresh_model():
-    torch.manual_seed(0)
-    return mmtm_convnet(4, widths=(4, 8, 8))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def first_batch(loader):
@@ -150,8 +140,7 @@ def test_rubi_mu_of_the_first_step_by_hand(tmp_path):
 @pytest.mark.parametrize("modality", [0, 1])
 def test_unimodal_reads_its_modality_and_logs_no_cls(tmp_path, modality):
     loader = ToyLoader()
-    torch.manual_seed(0)
-    net = UniModalNet.from_two_branch(mmtm_convnet(4, widths=(4, 8, 8)), modality)
+    net = UniModalNet.from_two_branch(fresh_model(), modality)
     initial = copy.deepcopy(net)
     res = train(net, loader, make_cfg(tmp_path, algorithm=f"unimodal_m{modality}", max_steps=1, max_epochs=1))
     logged = read_jsonl(res.log_dir / "steps.jsonl")[0]
@@ -166,8 +155,7 @@ def test_unimodal_trains_evaluates_and_resumes_exactly(tmp_path):
     val = ToyLoader(24, seed=1, shuffle=False)
 
     def net():
-        torch.manual_seed(0)
-        return UniModalNet.from_two_branch(mmtm_convnet(4, widths=(4, 8, 8)), 1)
+        return UniModalNet.from_two_branch(fresh_model(), 1)
 
     straight = train(net(), ToyLoader(), make_cfg(tmp_path / "a", algorithm="unimodal_m1", max_steps=15,
                                                    max_epochs=5), val)
@@ -185,8 +173,7 @@ def test_unimodal_trains_evaluates_and_resumes_exactly(tmp_path):
 
 
 def test_algorithms_refuse_the_wrong_network(tmp_path):
-    torch.manual_seed(0)
-    uni = UniModalNet.from_two_branch(mmtm_convnet(4, widths=(4, 8, 8)), 0)
+    uni = UniModalNet.from_two_branch(fresh_model(), 0)
     with pytest.raises(TypeError, match="trains a UniModalNet of modality 1"):
         Trainer(uni, ToyLoader(), make_cfg(tmp_path, algorithm="unimodal_m1"))
     with pytest.raises(TypeError, match="trains a UniModalNet of modality 0"):
@@ -201,8 +188,7 @@ def test_algorithms_refuse_the_wrong_network(tmp_path):
 
 def test_evaluate_feeds_a_unimodal_network_its_own_modality():
     val = ToyLoader(24, seed=1, shuffle=False)
-    torch.manual_seed(0)
-    net = UniModalNet.from_two_branch(mmtm_convnet(4, widths=(4, 8, 8)), 1).eval()
+    net = UniModalNet.from_two_branch(fresh_model(), 1).eval()
     x1 = torch.cat([b[1] for b in val])
     y = torch.cat([b[2] for b in val])
     with torch.no_grad():

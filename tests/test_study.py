@@ -29,19 +29,6 @@ RESULTS = ("acc", "acc0", "acc1", "acc0_cut", "acc1_cut", "u_m1_m0", "u_m0_m1", 
            "rho", "steps", "best_epoch")
 
 
-def identical_views_supported() -> bool:
-    try:
-        DataConfig(dataset="embedded", views=(0, 0))
-        return True
-    except ValueError:
-        return False
-
-
-needs_identical = pytest.mark.skipif(
-    not identical_views_supported(),
-    reason="identical modalities (DataConfig(views=(v, v))) land with the data branch; this test runs once merged")
-
-
 def tiny_study(name: str, figures=("pairs", "cls_cur"), train=None, **grid) -> Study:
     """A study of embedded runs at 16 px with 2 objects per class and a small conv model: about a second a run."""
     return Study(name, (Grid(datasets=("embedded",), **grid),), data=dict(TINY_DATA),
@@ -133,7 +120,6 @@ def test_pair_views():
         pair_views("embedded", "same", (0, 6))
 
 
-@needs_identical
 def test_identical_pairs_expand_and_name_apart():
     specs = expand(Study("pairs", (Grid(datasets=("embedded", "colored_digits"), pairs=("distinct", "identical")),)))
     views = {(s.dataset, s.pair): s.data_config().views for s in specs}
@@ -142,7 +128,6 @@ def test_identical_pairs_expand_and_name_apart():
     assert len({s.run_name for s in specs}) == 4
 
 
-@needs_identical
 def test_identical_pairs_give_identical_tensors(dirs):
     from greedymm.data import build_loaders
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import greedymm.train as train_module
-from conftest import ToyLoader
+from conftest import ToyLoader, fresh_model, read_jsonl
 from greedymm.balance import CLS_GROUPS, CLSTracker, GuidedSchedule
 from greedymm.config import DataConfig, TrainConfig
 from greedymm.experiment import read_steps
@@ -28,15 +28,6 @@ def make_cfg(tmp_path, **kw):
     base = dict(lr=0.05, max_epochs=3, progress=False, log_dir=str(tmp_path / "logging"),
                 ckpt_dir=str(tmp_path / "checkpoints"), run_name="run", warmup_epochs=1, epsilon=0.0, window=2)
     return TrainConfig(**{**base, **kw})
-
-
-def fresh_model():
-    torch.manual_seed(0)
-    return mmtm_convnet(4, widths=(4, 8, 8))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def hand_mu(params):
