@@ -120,9 +120,7 @@ def main() -> None:
             figures[f"data.workers2_first_batch_s_{method}"] = round(first, 3)
             figures[f"data.workers2_epoch_s_{method}"] = round(epoch, 3)
         del train
-    update_results(figures)
-    for key, value in figures.items():
-        print(f"{key}: {value}")
+    update_results(figures, show=True)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ def main() -> None:
             "data.colored_loader_uint8_samples_per_s": round(loader_rate(train, indices, "uint8"), 1),
         }
         del train
-    update_results(figures)
-    for key, value in figures.items():
-        print(f"{key}: {value}")
+    update_results(figures, show=True)
 
 
 if __name__ == "__main__":

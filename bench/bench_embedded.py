@@ -26,9 +26,7 @@ def main() -> None:
             build_embedded_cache(cfg, Path(tmp) / "cache", force=True, progress=False)
             times.append(time.perf_counter() - t0)
     figures = {"data.embedded_build_s": round(statistics.median(times), 2)}
-    update_results(figures)
-    for key, value in figures.items():
-        print(f"{key}: {value}")
+    update_results(figures, show=True)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,14 @@ def samples_per_s(loader, samples: int, passes: int) -> float:
     return statistics.median(rates)
 
 
-def update_results(figures: Dict[str, float]) -> None:
-    """Merge `figures` into bench/results.json (atomic write), keeping other scripts' keys."""
+def update_results(figures: Dict[str, float], show: bool = False) -> None:
+    """Merge `figures` into bench/results.json (atomic write), keeping other scripts' keys; `show` also prints them,
+    one "key: value" line each."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.update(figures)
     tmp = RESULTS.with_name(RESULTS.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, RESULTS)
+    if show:
+        for key, value in figures.items():
+            print(f"{key}: {value}")

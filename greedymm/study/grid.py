@@ -234,13 +234,11 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
             except ValueError as err:
                 raise ValueError(f"study {study.name!r}, dataset {dataset!r}, pair {pair!r}: {err}") from None
             preset = TrainConfig.for_dataset(dataset, **study.train)
-            # an axis an algorithm does not use collapses to its preset: (None,)
-            axes = {field: getattr(grid, axis) if algorithm in algorithm_only[field] else (None,)
-                    for field, axis in SWEPT.items()}
-            for lr, l1, eps, w, alpha, period, seed in itertools.product(
-                    grid.lrs, grid.l1s, *axes.values(), grid.seeds):
-                chosen = {k: v for k, v in dict(lr=lr, epsilon=eps, window=w, ogm_alpha=alpha,
-                                                 gblend_period=period).items() if v is not None}
+            uses = {field: algorithm in algorithm_only[field] for field in SWEPT}
+            # an axis the algorithm does not use collapses to its preset: (None,)
+            axes = [getattr(grid, axis) if uses[field] else (None,) for field, axis in SWEPT.items()]
+            for lr, l1, *swept, seed in itertools.product(grid.lrs, grid.l1s, *axes, grid.seeds):
+                chosen = {k: v for k, v in zip(("lr", *SWEPT), (lr, *swept)) if v is not None}
                 try:
                     train = dataclasses.replace(preset, algorithm=algorithm, seed=int(seed), l1=float(l1), **chosen,
                                                 **paths)
@@ -248,7 +246,7 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
                     raise ValueError(f"study {study.name!r}: {err}") from None
                 name = run_name(data, train, algorithm, int(seed), study.model)
                 train = dataclasses.replace(train, run_name=name, progress=False)
-                own = {field: getattr(train, field) if algorithm in algorithm_only[field] else None for field in SWEPT}
+                own = {field: getattr(train, field) if uses[field] else None for field in SWEPT}
                 spec = RunSpec(study.name, dataset, label, views, algorithm, train.lr, int(seed), train.l1,
                                own["epsilon"], own["window"], own["ogm_alpha"], own["gblend_period"], study.tau,
                                study.model, to_dict(data), to_dict(train), name)
