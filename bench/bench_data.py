@@ -22,7 +22,8 @@ from PIL import Image  # noqa: E402
 
 from bench.common import samples_per_s, update_results  # noqa: E402
 import greedymm.data.cache as cache_module  # noqa: E402
-from greedymm.data.cache import build_cache, open_split  # noqa: E402
+from greedymm.data.cache import open_split  # noqa: E402
+from greedymm.data.png_tree import build_cache  # noqa: E402
 from greedymm.data.modelnet import MODELNET40_CLASSES  # noqa: E402
 
 SIZE = 224
@@ -63,7 +64,7 @@ def make_png_tree(root: Path) -> int:
 
 def loader_rate(images: np.ndarray, labels: np.ndarray, output: str) -> float:
     """Median samples/s over full passes of the training loader (two views, batch 8, shuffled, flipped, CPU)."""
-    from greedymm.data.loader import TwoViewLoader
+    from greedymm.data.batches import TwoViewLoader
 
     loader = TwoViewLoader(images, labels, views=(0, 6), batch_size=8, shuffle=True, augment=True, seed=0,
                            device="cpu", output=output, num_workers=0)
@@ -72,7 +73,7 @@ def loader_rate(images: np.ndarray, labels: np.ndarray, output: str) -> float:
 
 def worker_costs(images: np.ndarray, labels: np.ndarray, method: str) -> tuple:
     """(seconds to the first batch of a fresh loader with 2 workers, median seconds of a later epoch)."""
-    from greedymm.data.loader import TwoViewLoader
+    from greedymm.data.batches import TwoViewLoader
 
     loader = TwoViewLoader(images, labels, views=(0, 6), batch_size=8, shuffle=True, augment=True, seed=0,
                            device="cpu", output="uint8", num_workers=2, start_method=method)

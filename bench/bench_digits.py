@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import samples_per_s, update_results  # noqa: E402
 from greedymm.config import DataConfig  # noqa: E402
-from greedymm.data.digits import build_digits_cache  # noqa: E402
-from greedymm.data.loader import DIGITS, TwoViewLoader, cache_dir_for, dataset_splits  # noqa: E402
+from greedymm.data.batches import TwoViewLoader  # noqa: E402
+from greedymm.data.digits import DIGITS, build_digits_cache  # noqa: E402
+from greedymm.data.loader import cache_dir_for, dataset_splits  # noqa: E402
 
 BUILDS, PASSES = 3, 10
 

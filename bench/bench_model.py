@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import median_ms, update_results  # noqa: E402
-from greedymm.model import DIGIT_WIDTHS, mmtm_digits  # noqa: E402
+from greedymm.models.zoo import DIGIT_WIDTHS, mmtm_digits  # noqa: E402
 
 CANDIDATES = ((8, 16, 32, 32), DIGIT_WIDTHS, (32, 64, 128, 128))
 

@@ -23,7 +23,7 @@ RUNS = 8  # 2 learning rates x 4 seeds
 # workers' start-up would be all that is measured.
 STUDY = Study("bench", (Grid(datasets=("embedded",), lrs=(0.05, 0.01), seeds=(0, 1, 2, 3)),),
               data=dict(image_size=32, embedded_per_class=40, embedded_test_per_class=20, batch_size=16),
-              train=dict(max_epochs=6), model="greedymm.model:mmtm_convnet")
+              train=dict(max_epochs=6), model="greedymm.models.zoo:mmtm_convnet")
 
 
 def runs_per_hour(executor, root: Path, data_dir: Path) -> float:

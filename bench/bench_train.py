@@ -21,11 +21,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import median_ms, update_results  # noqa: E402
-from greedymm.balance import Algorithm, CLSTracker  # noqa: E402
-from greedymm.balancers import OGMGE, GradientBlending  # noqa: E402
-from greedymm.baselines import RUBi, UniModal  # noqa: E402
-from greedymm.mmtm import FusionMode  # noqa: E402
-from greedymm.model import UniModalNet, mmtm_resnet18  # noqa: E402
+from greedymm.measures import CLSTracker  # noqa: E402
+from greedymm.methods import Method, StepContext, make_method  # noqa: E402
+from greedymm.models import FusionMode, UniModalNet, mmtm_resnet18  # noqa: E402
 
 
 def main() -> None:
@@ -49,26 +47,28 @@ def main() -> None:
     def cls() -> None:  # what the trainer adds per step, ending with the host read of the speeds
         tracker.update(tracker.compute_mu(), regular=True).tolist()
 
-    def algorithm_step(alg: Algorithm, net: torch.nn.Module = model):  # a step as the trainer takes it, CLS off
-        extra = alg.setup(net)
+    ctx = StepContext(epoch=0, step=1, batch=0, mode=FusionMode.FUSED, steps_per_epoch=None)
+
+    def method_step(method: Method, net: torch.nn.Module = model):  # a step as the trainer takes it, CLS off
+        extra = method.setup(net)
         params = list(net.parameters()) + (list(extra.to(device).parameters()) if extra is not None else [])
         opt = torch.optim.SGD(params, lr=0.1)
-        alg.next_mode(0)
 
         def run() -> None:
-            out = alg.forward(net, x0, x1, FusionMode.FUSED)
-            loss, _ = alg.loss(out, y)
+            out = method.forward(net, x0, x1, ctx)
+            loss, terms = method.loss(out, y, ctx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            alg.after_backward(net, out, y)
+            method.backward(loss, terms, ctx)
+            method.after_backward(net, out, y, ctx)
             opt.step()
             sync()
         return run
 
-    ogm_ge = OGMGE(alpha=0.1)
+    ogm_ge = make_method("ogm_ge", {"ogm_alpha": 0.1})
     unimodal = UniModalNet.from_two_branch(model, 0).to(device)
-    steps = {"vanilla": step, "rubi": algorithm_step(RUBi(0)), "unimodal": algorithm_step(UniModal(0), unimodal),
-             "ogm_ge": algorithm_step(ogm_ge), "gblend": algorithm_step(GradientBlending())}
+    steps = {"vanilla": step, "rubi": method_step(make_method("rubi")),
+             "unimodal": method_step(make_method("unimodal_m0"), unimodal), "ogm_ge": method_step(ogm_ge),
+             "gblend": method_step(make_method("gblend"))}
     for fn in steps.values():
         fn()  # warm-up
     per_round = {name: [] for name in steps}
@@ -81,7 +81,7 @@ def main() -> None:
         y0, y1 = model(x0, x1)
 
     def ogm_hook() -> None:  # what OGM-GE adds to a step: coefficients, modulation, GE noise (timed alone, as the CLS)
-        ogm_ge.after_backward(model, {"y0": y0, "y1": y1}, y)
+        ogm_ge.after_backward(model, {"y0": y0, "y1": y1}, y, ctx)
         sync()
 
     hook_ms = median_ms(ogm_hook, repeats=10 if not cuda else 50, warmup=2)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, Dict
+
+from greedymm.io import write_text
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -42,9 +43,7 @@ def update_results(figures: Dict[str, float], show: bool = False) -> None:
     one "key: value" line each."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.update(figures)
-    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, RESULTS)
+    write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", RESULTS)
     if show:
         for key, value in figures.items():
             print(f"{key}: {value}")

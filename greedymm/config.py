@@ -1,41 +1,19 @@
-"""Settings for data and training (paper Sec. 4-5 and Appendix; SPEC.md Sec. 1 and 6).
-
-Two dataclasses with one commented line per field, and presets: `paper()`, `quick()`, `smoke()`.
+"""Settings for data and training (paper Sec. 4-5 and Appendix; SPEC Sec. 1, 6 and 10), their presets, and a run's
+identity and name. What depends on a dataset or a method comes from their registries (`greedymm.registry`): each
+dataset's spec and each method's settings dataclass.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
-MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
-# The rows of the paper's Table 1, in its order (SPEC Sec. 5 and 9). The first two train a uni-modal network on m0
-# or m1; "rubi" is the RUBi baseline; the others train the two-branch network.
-PAPER_ROWS = ("unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided")
-# Every training algorithm: the paper's rows, then the balancers from the related work (not in the paper; SPEC
-# Sec. 12): "ogm_ge" (OGM-GE, Peng et al. 2022) and "gblend" (Gradient Blending, Wang et al. 2020).
-BALANCERS = ("ogm_ge", "gblend")
-ALGORITHMS = PAPER_ROWS + BALANCERS
-# Algorithms that take re-balancing steps, which need the running means of at least one regular epoch first.
-REBALANCING = ("random", "guided")
+from .registry import DATASETS, METHODS
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DATASETS = ("modelnet40", "embedded", "colored_mnist", "colored_digits")
-DIGIT_DATASETS = ("colored_mnist", "colored_digits")  # view 0 colored digit (3 channels), view 1 gray digit (1)
-# Views per object in each dataset's cache (the ModelNet40 renders and the embedded set have 12, the digits 2).
-DATASET_VIEWS = {"modelnet40": 12, "embedded": 12, "colored_mnist": 2, "colored_digits": 2}
-# What `views=None`, `image_size=None` and `val_fraction=None` resolve to. Renders: front/rear at 224 px, 20% of
-# the training objects held out (SPEC Sec. 1). Digits: colored/gray at MNIST's 28 px; colored_mnist holds out 10,000
-# of MNIST's 60,000 training digits, colored_digits 25% of the 80% left after its 20% test split (60/20/20).
-DEFAULT_VIEWS = {"modelnet40": (0, 6), "embedded": (0, 6), "colored_mnist": (0, 1), "colored_digits": (0, 1)}
-DEFAULT_IMAGE_SIZE = {"modelnet40": 224, "embedded": 224, "colored_mnist": 28, "colored_digits": 28}
-DEFAULT_VAL_FRACTION = {"modelnet40": 0.2, "embedded": 0.2, "colored_mnist": 1 / 6, "colored_digits": 0.25}
-# What `url=""` resolves to; colored_mnist keeps "": torchvision's MNIST mirrors, looked up when downloading.
-DEFAULT_URL = {"modelnet40": MODELNET_URL, "embedded": "", "colored_mnist": "", "colored_digits": ""}
-# What `data_dir=""` resolves to; "data" is torchvision's usual root (MNIST's files in data/MNIST/raw/).
-DEFAULT_DATA_DIR = {"modelnet40": "ModelNet", "embedded": "ModelNet", "colored_mnist": "data", "colored_digits": "data"}
 
 
 @dataclass
@@ -43,12 +21,12 @@ class DataConfig:
     """Where the two-view data comes from and how it is batched (SPEC Sec. 1, 10 and 11).
 
     `views`, `image_size`, `val_fraction`, `url` and `data_dir` left at None / "" take the dataset's defaults
-    (DEFAULT_*), resolved when the config is made: a config always holds concrete values. To switch the dataset
+    (its `DatasetSpec`), resolved when the config is made: a config always holds concrete values. To switch the dataset
     of an existing config, pass those fields as None / "" again, e.g. `dataclasses.replace(cfg, dataset=...,
     views=None, ...)`, or use `DataConfig.for_dataset`.
     """
 
-    dataset: str = "modelnet40"  # "modelnet40" (the paper's), "embedded" (generated), "colored_mnist", "colored_digits"
+    dataset: str = "modelnet40"  # a registered dataset: "modelnet40" (the paper's), "embedded", "colored_mnist", ...
     data_dir: str = ""  # downloads, renders, MNIST's IDX files and the .npy caches; "" = the dataset's default
     url: str = ""  # modelnet40: the archive; colored_mnist: the base URL of the IDX files; "" = the dataset's default
     mirrors: Tuple[str, ...] = ()  # further URLs (colored_mnist: base URLs) tried in order when `url` fails
@@ -71,16 +49,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.dataset in DATASETS:  # else validate() names the dataset
+            spec = DATASETS.get(self.dataset)
             if self.views is None:
-                self.views = DEFAULT_VIEWS[self.dataset]
+                self.views = spec.default_views
             if self.image_size is None:
-                self.image_size = DEFAULT_IMAGE_SIZE[self.dataset]
+                self.image_size = spec.image_size
             if self.val_fraction is None:
-                self.val_fraction = DEFAULT_VAL_FRACTION[self.dataset]
+                self.val_fraction = spec.val_fraction
             if not self.url:
-                self.url = DEFAULT_URL[self.dataset]
+                self.url = spec.url
             if not self.data_dir:
-                self.data_dir = DEFAULT_DATA_DIR[self.dataset]
+                self.data_dir = spec.data_dir
         if self.views is not None:
             self.views = tuple(int(v) for v in self.views)  # JSON round trips give lists
         self.mirrors = tuple(self.mirrors)
@@ -88,16 +67,13 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and what is allowed."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset={self.dataset!r} is unknown; allowed: {', '.join(DATASETS)}")
+        spec = DATASETS.get(self.dataset)  # "dataset='cifar' is unknown; allowed: ..."
         if len(self.views) != 2:
             raise ValueError(f"views={self.views} must name exactly two view indices (m0, m1)")
-        n_views = DATASET_VIEWS[self.dataset]
         for v in self.views:
-            if not 0 <= v < n_views:
-                raise ValueError(f"views={self.views}: each view index must be in 0..{n_views - 1} for "
-                                 f"dataset={self.dataset!r} (views=None takes its default, "
-                                 f"{DEFAULT_VIEWS[self.dataset]})")
+            if not 0 <= v < spec.num_views:
+                raise ValueError(f"views={self.views}: each view index must be in 0..{spec.num_views - 1} for "
+                                 f"dataset={self.dataset!r} (views=None takes its default, {spec.default_views})")
         if not 8 <= self.image_size <= 1024:
             raise ValueError(f"image_size={self.image_size} must be between 8 and 1024 pixels")
         for name in ("batch_size", "eval_batch_size", "embedded_per_class", "embedded_test_per_class"):
@@ -118,16 +94,12 @@ class DataConfig:
     NOT_IDENTITY = ("data_dir", "url", "mirrors", "sha256", "make_npy_files", "eval_batch_size", "num_workers",
                     "cache_workers")
 
-    # Fields that only matter to some datasets: left out of the others' identity.
-    DATASET_ONLY = {"embedded_per_class": ("embedded",), "embedded_test_per_class": ("embedded",),
-                    "embedded_seed": ("embedded",), "color_match": DIGIT_DATASETS,
-                    "color_noise_var": DIGIT_DATASETS, "color_seed": DIGIT_DATASETS}
-
     def identity(self) -> dict:
-        """The settings that define a run's data: every field that changes its result (see NOT_IDENTITY and
-        DATASET_ONLY)."""
-        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY
-                and self.dataset in self.DATASET_ONLY.get(k, (self.dataset,))}
+        """The settings that define a run's data: every field that changes its result (see NOT_IDENTITY), less the
+        fields that only other datasets use (their specs' `own_fields`)."""
+        owned = {f for _, spec in DATASETS.items() for f in spec.own_fields}
+        own = DATASETS.get(self.dataset).own_fields
+        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY and (k not in owned or k in own)}
 
     @classmethod
     def paper(cls, **overrides: Any) -> "DataConfig":
@@ -136,20 +108,17 @@ class DataConfig:
 
     @classmethod
     def for_dataset(cls, name: str, **overrides: Any) -> "DataConfig":
-        """The paper's settings for dataset `name`: renders at batch 8 (SPEC Sec. 6), digits at batch 128 (Sec. 10).
+        """The paper's settings for dataset `name` (its spec's `data_preset`): renders at batch 8 (SPEC Sec. 6),
+        digits at batch 128 (Sec. 10).
 
         Args:
-            name: one of DATASETS.
+            name: a registered dataset (`greedymm.data.dataset_names()`).
             overrides: further fields.
         Returns:
             The config; views, image size and validation share are the dataset's defaults unless overridden.
         """
-        if name not in DATASETS:
-            raise ValueError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
-        base: dict = dict(dataset=name)
-        if name in DIGIT_DATASETS:
-            base.update(batch_size=128, eval_batch_size=512)
-        return cls(**{**base, **overrides})
+        spec = DATASETS.get(name)
+        return cls(**{"dataset": name, **spec.data_preset, **overrides})
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DataConfig":
@@ -170,15 +139,21 @@ class DataConfig:
         return cls(**{**base, **overrides})
 
 
-# `TrainConfig.quick()`: the embedded dataset's few-minute CPU protocol
+# `TrainConfig.quick()` and the embedded dataset's preset: a few-minute CPU protocol
 QUICK_TRAIN = dict(lr=0.05, momentum=0.9, max_epochs=8, plateau_patience=2)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation, balancing and bookkeeping of one training run (SPEC Sec. 4-6)."""
+    """Optimisation, method and bookkeeping of one training run (SPEC Sec. 4-6).
 
-    algorithm: str = "vanilla"  # one of ALGORITHMS: the Table-1 rows (SPEC Sec. 5 and 9)
+    The method's own settings (guided's epsilon, OGM-GE's alpha, ...) are `options`, by the field names of the
+    methods' settings dataclasses (`python -m greedymm list` shows them); a method reads the ones it declares and
+    takes its defaults for the rest, so one config can carry the settings of several methods.
+    """
+
+    algorithm: str = "vanilla"  # a registered method: the Table-1 rows and the balancers (`greedymm.methods`)
+    options: Dict[str, Any] = field(default_factory=dict)  # method settings by name, e.g. {"epsilon": 0.1}
     lr: float = 0.1  # SGD learning rate
     momentum: float = 0.0  # SGD momentum (the paper uses none on ModelNet40)
     weight_decay: float = 0.0  # SGD weight decay
@@ -190,14 +165,6 @@ class TrainConfig:
     max_epochs: int = 300  # hard epoch limit
     max_steps: Optional[int] = None  # optional budget of optimizer steps (None = no budget)
     full_acc_epochs: int = 5  # stop once training accuracy was 100% in this many epochs
-    warmup_epochs: int = 1  # epochs of regular steps before guided/random balancing starts (at least 1 for them)
-    epsilon: float = 0.01  # guided: imbalance tolerance on |d_speed|
-    window: int = 5  # guided: re-balancing steps W taken once |d_speed| > epsilon
-    rubi_bias: str = "m0"  # rubi: the bias modality whose branch feeds the bias-only classifier ("m0" or "m1")
-    ogm_alpha: float = 0.1  # ogm_ge: alpha in k = 1 - tanh(alpha * rho) (theirs: 0.1-0.8; 0.1 damps near-ties little)
-    ogm_start_epoch: int = 0  # ogm_ge: epochs trained before the modulation (and its GE noise) starts
-    ogm_end_epoch: Optional[int] = None  # ogm_ge: modulation (and noise) ends after this many epochs (None: never)
-    gblend_period: int = 3  # gblend: n, the epochs between two re-estimations of the blending weights
     seed: int = 0  # seeds weights, data order, augmentation and the random schedule
     precision: str = "auto"  # "auto" (CUDA: bf16 from capability 8.0, fp16 below; CPU: fp32), "fp32", "bf16", "fp16"
     channels_last: bool = True  # channels_last memory format on CUDA
@@ -213,8 +180,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and what is allowed."""
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={self.algorithm!r} is unknown; allowed: {', '.join(ALGORITHMS)}")
+        method = METHODS.get(self.algorithm)  # "algorithm='greedy' is unknown; allowed: ..."
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr} must be a positive finite number")
         if not 0.0 <= self.momentum < 1.0:
@@ -231,57 +197,62 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps} must be at least 1, or None for no budget")
         if self.full_acc_epochs < 1:
             raise ValueError(f"full_acc_epochs={self.full_acc_epochs} must be at least 1")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be 0 or more")
-        if self.algorithm in REBALANCING and self.warmup_epochs < 1:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs}: {self.algorithm} needs at least 1 warm-up epoch of "
-                             "regular steps (its re-balancing steps use the running means of regular steps)")
         if not (self.l1 >= 0 and math.isfinite(self.l1)):
             raise ValueError(f"l1={self.l1} must be a finite number >= 0 (the L1 penalty strength lambda)")
-        if self.rubi_bias not in ("m0", "m1"):
-            raise ValueError(f"rubi_bias={self.rubi_bias!r} is unknown; allowed: 'm0', 'm1'")
-        # the balancers' settings (SPEC Sec. 12)
-        if not (self.ogm_alpha >= 0 and math.isfinite(self.ogm_alpha)):
-            raise ValueError(f"ogm_alpha={self.ogm_alpha} must be a finite number >= 0 (0 modulates nothing: GE noise "
-                             "only)")
-        if self.ogm_start_epoch < 0:
-            raise ValueError(f"ogm_start_epoch={self.ogm_start_epoch} must be 0 or more")
-        if self.ogm_end_epoch is not None and self.ogm_end_epoch <= self.ogm_start_epoch:
-            raise ValueError(f"ogm_end_epoch={self.ogm_end_epoch} must be greater than ogm_start_epoch="
-                             f"{self.ogm_start_epoch} (the modulation runs in epochs start..end-1), or None for no end")
-        if self.gblend_period < 1:
-            raise ValueError(f"gblend_period={self.gblend_period} must be at least 1 (epochs between re-estimations)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
-        if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"epsilon={self.epsilon} must be a finite number >= 0 (the imbalance tolerance)")
-        if self.window < 1:
-            raise ValueError(f"window={self.window} must be at least 1 (re-balancing steps per window)")
         if self.ckpt_every_steps is not None and self.ckpt_every_steps < 1:
             raise ValueError(f"ckpt_every_steps={self.ckpt_every_steps} must be at least 1, or None")
         if not self.run_name or any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
             raise ValueError(f"run_name={self.run_name!r} must be a non-empty folder name without slashes")
+        self._validate_options(method)
+
+    def _validate_options(self, method: Any) -> None:
+        """Every option is some method's setting; each method that declares one checks its values, and this run's
+        method checks its complete settings (e.g. guided's warm-up of at least 1 epoch)."""
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options={self.options!r} must be a dict of method settings by name, e.g. "
+                             "{'epsilon': 0.1}")
+        check_option_names(self.options, "options")
+        for _, other in METHODS.items():
+            names = settings_names(other)
+            if other is method or any(k in names for k in self.options):
+                settings = other.Settings(**{k: v for k, v in self.options.items() if k in names})
+                if other is method:
+                    method.check(settings)
+                else:
+                    settings.validate()
 
     # Fields that do not change a run's result: its name and folders, progress bars, extra checkpoints and test
     # evaluation, and the budgets (a run stopped by max_epochs or max_steps may be continued with a larger one).
     NOT_IDENTITY = ("run_name", "log_dir", "ckpt_dir", "progress", "ckpt_every_steps", "eval_test", "max_epochs",
                     "max_steps")
 
-    # Fields that only matter to some algorithms: they are left out of the others' identity, so that changing
-    # guided's epsilon, say, does not make the vanilla runs new runs.
-    ALGORITHM_ONLY = {"epsilon": ("guided",), "window": ("guided",), "warmup_epochs": REBALANCING,
-                      "rubi_bias": ("rubi",), "ogm_alpha": ("ogm_ge",), "ogm_start_epoch": ("ogm_ge",),
-                      "ogm_end_epoch": ("ogm_ge",), "gblend_period": ("gblend",)}
+    def settings(self) -> Any:
+        """The settings dataclass of this run's method: `options` where they name its fields, defaults elsewhere."""
+        method = METHODS.get(self.algorithm)
+        names = settings_names(method)
+        return method.Settings(**{k: v for k, v in self.options.items() if k in names})
+
+    def option(self, name: str) -> Any:
+        """A method setting's value: `options[name]`, else the default of the methods that declare it."""
+        if name in self.options:
+            return self.options[name]
+        defaults = option_defaults()
+        if name not in defaults:
+            raise ValueError(f"option {name!r} is declared by no method; allowed: {', '.join(defaults)}")
+        return defaults[name]
 
     def identity(self) -> dict:
-        """The settings that define a training run: every field that changes its result (see NOT_IDENTITY and
-        ALGORITHM_ONLY)."""
-        return {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY
-                and self.algorithm in self.ALGORITHM_ONLY.get(k, (self.algorithm,))}
+        """The settings that define a training run: every field that changes its result (see NOT_IDENTITY), flat,
+        with this run's method settings (defaults filled) in place of `options`: another method's settings never
+        make a run new."""
+        shared = {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY and k != "options"}
+        return {**shared, **dataclasses.asdict(self.settings())}
 
     @classmethod
     def paper(cls, **overrides: Any) -> "TrainConfig":
-        """SPEC Sec. 6: SGD lr 0.1, plateau schedule, 300 epochs, guided eps=0.01, W=5."""
+        """SPEC Sec. 6: SGD lr 0.1, plateau schedule, 300 epochs (guided: epsilon 0.01, W 5, its defaults)."""
         return cls(**overrides)
 
     @classmethod
@@ -291,19 +262,17 @@ class TrainConfig:
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
-        """The protocol of a dataset: the paper's for ModelNet40 (SPEC Sec. 6) and the colored digits (SPEC Sec. 10:
-        SGD momentum 0.9, lr 0.01, epsilon 0.1, W 5), `quick()`'s for the embedded dataset.
+        """The protocol of a dataset (its spec's `train_preset`): the paper's for ModelNet40 (SPEC Sec. 6) and the
+        colored digits (SPEC Sec. 10: SGD momentum 0.9, lr 0.01, epsilon 0.1, W 5), `quick()`'s for the embedded
+        dataset.
 
         Args:
-            dataset: a DataConfig.dataset value.
-            overrides: fields to change.
+            dataset: a registered dataset.
+            overrides: fields to change; `options` are added to the preset's options.
         """
-        digits = dict(lr=0.01, momentum=0.9, epsilon=0.1, window=5)
-        presets = {"modelnet40": {}, "colored_mnist": digits, "colored_digits": digits,
-                   "embedded": QUICK_TRAIN}
-        if dataset not in presets:
-            raise ValueError(f"dataset={dataset!r} is unknown; allowed: {', '.join(presets)}")
-        return cls(**{**presets[dataset], **overrides})
+        preset = dict(DATASETS.get(dataset).train_preset)
+        options = {**preset.pop("options", {}), **overrides.pop("options", {})}
+        return cls(**{**preset, **overrides, "options": options})
 
     @classmethod
     def smoke(cls, **overrides: Any) -> "TrainConfig":
@@ -312,16 +281,52 @@ class TrainConfig:
         return cls(**{**base, **overrides})
 
 
+def settings_names(method: Any) -> List[str]:
+    """The field names of a method's settings dataclass (the options it reads)."""
+    return [f.name for f in dataclasses.fields(method.Settings)]
+
+
+def option_defaults() -> Dict[str, Any]:
+    """Every option a registered method declares, with its default (a setting several methods share, such as
+    warmup_epochs, has one default: `greedymm.methods.register` checks it)."""
+    defaults: Dict[str, Any] = {}
+    for _, method in METHODS.items():
+        for f in dataclasses.fields(method.Settings):
+            defaults.setdefault(f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+    return defaults
+
+
+def check_option_names(names: Any, where: str) -> None:
+    """Raise ValueError if a name is no registered method's setting, naming `where` it came from and the allowed."""
+    declared = option_defaults()
+    unknown = [k for k in names if k not in declared]
+    if unknown:
+        raise ValueError(f"{where} has {unknown}, which no method declares; allowed: {', '.join(declared)}")
+
+
 def to_dict(cfg: Any) -> dict:
     """A JSON-ready dict of a config dataclass."""
     return dataclasses.asdict(cfg)
 
 
-def save_json(obj: Any, path: Path) -> None:
-    """Write `obj` (a dataclass or dict) as JSON atomically: temporary name, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+def settings_digest(data_cfg: DataConfig, train_cfg: TrainConfig, model: str = "") -> str:
+    """8 hex digits of every setting that defines a run except its algorithm and seed (see `run_name`)."""
+    identity = {"train": {k: v for k, v in train_cfg.identity().items() if k not in ("algorithm", "seed")},
+                "data": data_cfg.identity(), "model": model}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(data_cfg: DataConfig, train_cfg: TrainConfig, model: str = "") -> str:
+    """The folder name of a run under logging/ and checkpoints/: "{dataset}_{algorithm}_s{seed}_{digest}".
+
+    The digest covers every other setting that changes the run's result (training, its method's settings, data and
+    the model's name), so changing the learning rate, the batch size or the dataset's size makes a new run, not a
+    resumed one.
+
+    Args:
+        data_cfg, train_cfg: the settings; train_cfg's algorithm and seed name the run.
+        model: a name for a custom model factory ("" for the dataset's default model).
+    Returns:
+        e.g. "modelnet40_guided_s0_3f2a9c1b".
+    """
+    return f"{data_cfg.dataset}_{train_cfg.algorithm}_s{train_cfg.seed}_{settings_digest(data_cfg, train_cfg, model)}"

@@ -1,6 +1,6 @@
-"""Figures of the experiment (paper Sec. 5, Figs. 2-4): the chosen views, learning curves, d_speed over
-training with the re-balancing steps shaded, and d_util per algorithm. Every function returns a Figure
-built without pyplot: no global state, nothing shown twice in a notebook, `fig.savefig` for files.
+"""Figures of the experiment (paper Sec. 5, Figs. 2-4): the chosen views, learning curves, d_speed over training with
+the re-balancing steps shaded, and d_util per method in its registered colour. Every function returns a Figure built
+without pyplot: no global state, nothing shown twice in a notebook, `fig.savefig` for files.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-COLORS = {"unimodal_m0": "tab:olive", "unimodal_m1": "tab:cyan", "vanilla": "tab:gray", "rubi": "tab:brown",
-          "random": "tab:orange", "guided": "tab:blue", "ogm_ge": "tab:pink", "gblend": "tab:purple"}
+from .methods.base import method_color
+
 MODE_COLORS = {"rebalance_m0": "tab:green", "rebalance_m1": "tab:red"}
 
 
@@ -125,7 +125,7 @@ def plot_learning_curves(histories: Mapping[str, Sequence[dict]]) -> Figure:
     fig = Figure(figsize=(14, 3.6), layout="constrained")
     ax_loss, ax_acc, ax_branch = fig.subplots(1, 3)
     for label, hist in histories.items():
-        color = COLORS.get(label.split()[0], None)
+        color = method_color(label.split()[0], None)
         epochs = [h["epoch"] for h in hist]
         ax_loss.plot(epochs, [h["train_loss"] for h in hist], color=color, label=f"{label} train")
         if hist and "val_loss" in hist[0]:
@@ -170,7 +170,7 @@ def plot_d_speed(step_logs: Mapping[str, Sequence[dict]], epsilon: Optional[floa
     axes = fig.subplots(len(step_logs), 1, sharex=True, squeeze=False)
     for ax, (label, steps) in zip(axes[:, 0], step_logs.items()):
         x = [s["step"] for s in steps]
-        ax.plot(x, [s["d_speed"] for s in steps], color=COLORS.get(label.split()[0], "k"), lw=1)
+        ax.plot(x, [s["d_speed"] for s in steps], color=method_color(label.split()[0], "k"), lw=1)
         for mode, first, last in _mode_spans([s["mode"] for s in steps]):
             ax.axvspan(x[first - 1] - 0.5, x[last - 1] + 0.5, color=MODE_COLORS[mode], alpha=0.25, lw=0)
         if epsilon is not None:
@@ -199,7 +199,7 @@ def plot_d_util(d_utils: Mapping[str, Sequence[float]], paper: Optional[Mapping[
     names = list(d_utils)
     for i, name in enumerate(names):
         vals = np.asarray(d_utils[name], dtype=float)
-        ax.bar(i, np.nanmean(vals), color=COLORS.get(name, "tab:purple"), alpha=0.8,
+        ax.bar(i, np.nanmean(vals), color=method_color(name, "tab:purple"), alpha=0.8,
                yerr=np.nanstd(vals) if len(vals) > 1 else None, capsize=4)
         ax.scatter(np.full(len(vals), i), vals, color="k", s=12, zorder=3)
         if paper and name in paper:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from custom_branches import TensorLoader
-from greedymm.model import mmtm_convnet
+from greedymm.models import mmtm_convnet
 
 
 class ToyLoader(TensorLoader):

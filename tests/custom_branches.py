@@ -9,7 +9,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 from torch import nn
 
-from greedymm.model import TwoBranchNet, conv_branch
+from greedymm.models import TwoBranchNet, conv_branch
 
 NUM_CLASSES = 3
 

@@ -13,21 +13,31 @@ from torch.testing import assert_close
 
 from conftest import ToyLoader, fresh_model, read_jsonl
 from custom_branches import mlp_model, seq_image_model
-from greedymm.balance import CLS_GROUPS
-from greedymm.balancers import (GradientBlending, OGMGE, blend_weights, encoder_weights, head_losses,
-                                ogm_coefficients)
-from greedymm.config import ALGORITHMS, PAPER_ROWS, DataConfig, TrainConfig
-from greedymm.experiment import format_table, run_name, summarize
-from greedymm.mmtm import FusionMode
-from greedymm.model import mmtm_convnet
-from greedymm.plots import COLORS, plot_d_util
-from greedymm.train import Trainer, load_checkpoint, make_algorithm, train
+from greedymm.config import DataConfig, TrainConfig, run_name
+from greedymm.experiment.table import format_table, summarize
+from greedymm.measures import CLS_GROUPS
+from greedymm.methods import StepContext, get_method, make_method, method_names
+from greedymm.methods.gblend import GBlendSettings, GradientBlending, blend_weights, head_losses
+from greedymm.methods.ogm_ge import OGMGE, OGMSettings, encoder_weights, ogm_coefficients
+from greedymm.models import FusionMode, mmtm_convnet
+from greedymm.plots import plot_d_util
+from greedymm.training import Trainer, load_checkpoint, train
 
 
-def make_cfg(tmp_path, **kw):
+def make_cfg(tmp_path, options=None, **kw):
     base = dict(lr=0.05, max_epochs=3, progress=False, log_dir=str(tmp_path / "logging"),
                 ckpt_dir=str(tmp_path / "checkpoints"), run_name="run")
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**base, **kw}, options=options or {})
+
+
+def step(epoch=0):
+    """The context of a regular step in `epoch`."""
+    return StepContext(epoch=epoch, step=1, batch=0, mode=FusionMode.FUSED, steps_per_epoch=None)
+
+
+def ogm(alpha=0.1, start_epoch=0, end_epoch=None, noise=True, seed=0):
+    return OGMGE(OGMSettings(ogm_alpha=alpha, ogm_start_epoch=start_epoch, ogm_end_epoch=end_epoch), seed=seed,
+                 noise=noise)
 
 
 def strip_time(history):
@@ -90,7 +100,7 @@ def test_ogm_on_an_mlp_scales_its_hidden_linear_layers_not_its_head():
     model = mlp_model()
     before = seeded_grads(model)
     alg = ogm_ready(model, alpha=0.5, noise=False)
-    alg.after_backward(model, {"y0": FLAT, "y1": STRONG}, LABELS)  # branch 1 dominates
+    alg.after_backward(model, {"y0": FLAT, "y1": STRONG}, LABELS, step())  # branch 1 dominates
     k = 1 - math.tanh(0.75)
     scaled = {"branch1.stage1.0.weight", "branch1.stage2.0.weight"}
     for name, p in model.named_parameters():
@@ -109,9 +119,8 @@ def seeded_grads(model):
 
 
 def ogm_ready(model, **kw):
-    alg = OGMGE(**kw)
+    alg = ogm(**kw)
     alg.setup(model)
-    alg.next_mode(0)
     return alg
 
 
@@ -121,7 +130,7 @@ def test_ogm_scales_only_the_dominant_branchs_conv_gradients(dominant):
     before = seeded_grads(model)
     alg = ogm_ready(model, alpha=0.5, noise=False)
     y0, y1 = (STRONG, FLAT) if dominant == 0 else (FLAT, STRONG)
-    logs = alg.after_backward(model, {"y0": y0, "y1": y1}, LABELS)
+    logs = alg.after_backward(model, {"y0": y0, "y1": y1}, LABELS, step())
     rho = 1.5 if dominant == 0 else 0.5 / 0.75
     k = 1 - math.tanh(0.5 * 1.5)  # alpha * rho = alpha / rho = 0.75 either way
     assert_close([float(logs["rho"]), float(logs["k0"]), float(logs["k1"])],
@@ -138,7 +147,7 @@ def test_ge_noise_has_each_gradients_std_and_touches_nothing_else():
     model = fresh_model(widths=(32, 64, 64))  # conv weights of 864, 18432 and 36864 entries
     before = seeded_grads(model)
     alg = ogm_ready(model, alpha=2.0, seed=3)
-    logs = alg.after_backward(model, {"y0": STRONG, "y1": FLAT}, LABELS)  # branch 0: k0 = 1 - tanh(3)
+    logs = alg.after_backward(model, {"y0": STRONG, "y1": FLAT}, LABELS, step())  # branch 0: k0 = 1 - tanh(3)
     k0 = 1 - math.tanh(3.0)
     assert_close([float(logs["k0"]), float(logs["k1"])], [k0, 1.0])
     convs = {f"branch{b}.stage{i}.0.weight": k for b, k in ((0, k0), (1, 1.0)) for i in (1, 2, 3)}
@@ -156,7 +165,7 @@ def test_ge_noise_has_each_gradients_std_and_touches_nothing_else():
     for seed, same in ((3, True), (4, False)):
         other = fresh_model(widths=(32, 64, 64))
         seeded_grads(other)
-        ogm_ready(other, alpha=2.0, seed=seed).after_backward(other, {"y0": STRONG, "y1": FLAT}, LABELS)
+        ogm_ready(other, alpha=2.0, seed=seed).after_backward(other, {"y0": STRONG, "y1": FLAT}, LABELS, step())
         assert torch.equal(other.branch1.stage2[0].weight.grad, model.branch1.stage2[0].weight.grad) == same
 
 
@@ -164,10 +173,9 @@ def test_ge_noise_has_each_gradients_std_and_touches_nothing_else():
 def test_modulation_and_noise_only_inside_the_window(epoch, active):
     model = fresh_model()
     before = seeded_grads(model)
-    alg = OGMGE(alpha=0.5, start_epoch=1, end_epoch=3)
+    alg = ogm(alpha=0.5, start_epoch=1, end_epoch=3)
     alg.setup(model)
-    alg.next_mode(epoch)
-    logs = alg.after_backward(model, {"y0": STRONG, "y1": FLAT}, LABELS)
+    logs = alg.after_backward(model, {"y0": STRONG, "y1": FLAT}, LABELS, step(epoch))
     assert_close(float(logs["rho"]), 1.5)  # logged either way
     assert_close([float(logs["k0"]), float(logs["k1"])], [1 - math.tanh(0.75) if active else 1.0, 1.0])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.grad, before[n])}
@@ -180,10 +188,10 @@ def test_ogm_generator_state_round_trips():
     model = fresh_model()
     seeded_grads(model)
     alg = ogm_ready(model, seed=5)
-    alg.after_backward(model, {"y0": STRONG, "y1": FLAT}, LABELS)
+    alg.after_backward(model, {"y0": STRONG, "y1": FLAT}, LABELS, step())
     state = copy.deepcopy(alg.state_dict())
     draws = [alg.generator.get_state()]
-    twin = OGMGE(seed=99)  # another seed: only the state can make it draw the same
+    twin = ogm(seed=99)  # another seed: only the state can make it draw the same
     twin.setup(fresh_model())
     twin.load_state_dict(state)
     assert twin.draws == 1 and torch.equal(twin.generator.get_state(), draws[0])
@@ -191,7 +199,7 @@ def test_ogm_generator_state_round_trips():
 
 
 def test_ogm_resumed_on_another_kind_of_device_draws_a_fresh_seeded_stream():
-    alg = OGMGE(seed=5)
+    alg = ogm(seed=5)
     alg.setup(fresh_model())
     state = {**alg.state_dict(), "generator": torch.zeros(16, dtype=torch.uint8), "generator_device": "cuda",
              "draws": 7}
@@ -199,7 +207,7 @@ def test_ogm_resumed_on_another_kind_of_device_draws_a_fresh_seeded_stream():
     reseeded = alg.generator.get_state()
     alg.load_state_dict({**state, "draws": 8})
     assert not torch.equal(alg.generator.get_state(), reseeded)  # a function of the draws so far: a new stream
-    fresh = OGMGE(seed=5)
+    fresh = ogm(seed=5)
     fresh.setup(fresh_model())
     assert not torch.equal(fresh.generator.get_state(), reseeded)
     torch.manual_seed(5)  # the global generator, which drew the initial weights: the noise must not replay it
@@ -208,9 +216,9 @@ def test_ogm_resumed_on_another_kind_of_device_draws_a_fresh_seeded_stream():
 
 def test_bad_ogm_settings():
     with pytest.raises(ValueError, match="alpha=-1"):
-        OGMGE(alpha=-1)
-    with pytest.raises(ValueError, match="start_epoch=2, end_epoch=2"):
-        OGMGE(start_epoch=2, end_epoch=2)
+        ogm(alpha=-1)
+    with pytest.raises(ValueError, match="ogm_end_epoch=2 must be greater than ogm_start_epoch=2"):
+        ogm(start_epoch=2, end_epoch=2)
     with pytest.raises(TypeError, match="TwoBranchNet"):
         OGMGE().setup(torch.nn.Linear(2, 2))
     no_hidden = fresh_model()
@@ -262,11 +270,11 @@ def test_blended_loss_is_the_weighted_sum_of_the_three_heads():
                    for row, t in zip(logits.tolist(), y)) / len(y)
 
     fused = (y0 + y1) / 2
-    loss, terms = alg.loss({"y0": y0, "y1": y1}, y)
+    loss, terms = alg.loss({"y0": y0, "y1": y1}, y, step())
     assert_close(float(loss), 0.5 * ce(y0) + 0.2 * ce(y1) + 0.3 * ce(fused), rtol=1e-6, atol=1e-7)
     assert_close([float(terms[k]) for k in ("loss0", "loss1", "loss_fused")], [ce(y0), ce(y1), ce(fused)],
                  rtol=1e-6, atol=1e-7)
-    logs = alg.after_backward(None, {}, y)
+    logs = alg.after_backward(None, {}, y, step())
     assert_close([float(logs[k]) for k in ("w0", "w1", "w_fused")], [0.5, 0.2, 0.3])
 
 
@@ -284,7 +292,7 @@ HISTORY = {1: ((2.0, 2.0, 2.0), (1.9, 1.9, 1.9)),
 
 
 def test_weights_are_re_estimated_every_n_epochs_from_the_last_window():
-    alg = GradientBlending(period=2)
+    alg = GradientBlending(GBlendSettings(gblend_period=2))
     alg.setup(fresh_model())
     third = torch.tensor(1 / 3, dtype=torch.float32).item()
     raw = (0.5 / 0.4 ** 2, 0.2 / 0.2 ** 2, 0.0)  # 3.125, 5, clamped
@@ -293,35 +301,35 @@ def test_weights_are_re_estimated_every_n_epochs_from_the_last_window():
     expected_next = {1: [third] * 3, 2: [third] * 3, 3: after3, 4: after3, 5: [0.0, 1.0, 0.0]}  # dO = 0 < dG: head 1
     states = {}
     for epoch, (val, tr) in HISTORY.items():
-        out = alg.end_epoch(synthetic_record(epoch, val, tr))
+        out = alg.end_epoch(synthetic_record(epoch, val, tr), step(epoch - 1))
         assert_close([out["w0"], out["w1"], out["w_fused"]], expected_used[epoch], rtol=1e-6, atol=0)
         assert_close([out["next_w0"], out["next_w1"], out["next_w_fused"]], expected_next[epoch], rtol=1e-6, atol=0)
         assert alg._w.tolist() == alg.weights == [out["next_w0"], out["next_w1"], out["next_w_fused"]]  # the loss's
         states[epoch] = copy.deepcopy(alg.state_dict())
     # a resumed algorithm keeps the weights and the window's start (epoch 3)
-    resumed = GradientBlending(period=2)
+    resumed = GradientBlending(GBlendSettings(gblend_period=2))
     resumed.setup(fresh_model())
     resumed.load_state_dict(states[4])
     assert resumed.weights == states[4]["weights"] and resumed._w.tolist() == states[4]["weights"]
     assert_close(resumed.weights, after3, rtol=1e-6, atol=0)
-    assert resumed.end_epoch(synthetic_record(5, *HISTORY[5]))["next_w1"] == 1.0
+    assert resumed.end_epoch(synthetic_record(5, *HISTORY[5]), step(4))["next_w1"] == 1.0
 
 
 def test_bad_gblend_settings():
     with pytest.raises(ValueError, match="period=0"):
-        GradientBlending(period=0)
+        GradientBlending(GBlendSettings(gblend_period=0))
 
 
 # ------------------------------------------------------------------------------------------------ through the trainer
 class SpyOGM(OGMGE):
     """Records, before the modulation, mu of the branch groups by hand and the batch's scores by hand."""
 
-    def __init__(self, model, **kw):
-        super().__init__(**kw)
+    def __init__(self, model, alpha, start_epoch, seed):
+        super().__init__(OGMSettings(ogm_alpha=alpha, ogm_start_epoch=start_epoch), seed=seed)
         self.groups = model.cls_groups()
         self.seen = []
 
-    def after_backward(self, model, out, y):
+    def after_backward(self, model, out, y, ctx):
         mu = {}
         for g in ("m0", "m1"):
             params = self.groups[g]
@@ -330,15 +338,15 @@ class SpyOGM(OGMGE):
         scores = [sum(math.exp(row[int(t)]) / sum(math.exp(v) for v in row) for row, t in zip(o.tolist(), y))
                   for o in (out["y0"], out["y1"])]
         self.seen.append({"mu": mu, "rho": scores[0] / scores[1]})
-        return super().after_backward(model, out, y)
+        return super().after_backward(model, out, y, ctx)
 
 
 def test_ogm_ge_end_to_end_logs_follow_the_formula_and_the_cls_sees_unmodulated_gradients(tmp_path, toy_loaders):
     train_l, val, _ = toy_loaders
     model = fresh_model()
     spy = SpyOGM(model, alpha=0.5, start_epoch=1, seed=0)
-    res = train(model, train_l, make_cfg(tmp_path, algorithm="ogm_ge", ogm_alpha=0.5, ogm_start_epoch=1,
-                                         max_epochs=2), val, algorithm=spy)
+    res = train(model, train_l, make_cfg(tmp_path, algorithm="ogm_ge", max_epochs=2,
+                                         options={"ogm_alpha": 0.5, "ogm_start_epoch": 1}), val, method=spy)
     steps = read_jsonl(res.log_dir / "steps.jsonl")
     assert len(steps) == len(spy.seen) == 2 * len(train_l)
     for s, seen in zip(steps, spy.seen):
@@ -353,7 +361,8 @@ def test_ogm_ge_end_to_end_logs_follow_the_formula_and_the_cls_sees_unmodulated_
 
 def test_gblend_end_to_end_weights_follow_the_loss_history(tmp_path, toy_loaders):
     train_l, val, _ = toy_loaders
-    res = train(fresh_model(), train_l, make_cfg(tmp_path, algorithm="gblend", gblend_period=1, max_epochs=3), val)
+    res = train(fresh_model(), train_l, make_cfg(tmp_path, algorithm="gblend", options={"gblend_period": 1},
+                                                 max_epochs=3), val)
     steps = read_jsonl(res.log_dir / "steps.jsonl")
     hist = res.history
     names = ("w0", "w1", "w_fused")
@@ -380,7 +389,7 @@ def test_gblend_end_to_end_weights_follow_the_loss_history(tmp_path, toy_loaders
 @pytest.mark.parametrize("algorithm", ["ogm_ge", "gblend"])
 def test_resume_mid_epoch_is_exact(tmp_path, algorithm):
     n_steps = 20  # 6 batches per epoch: the stop at 10 is mid-epoch 2; gblend re-estimates at the ends of 2 and 3
-    kw = dict(algorithm=algorithm, max_epochs=10, gblend_period=1, ogm_alpha=0.5)
+    kw = dict(algorithm=algorithm, max_epochs=10, options={"gblend_period": 1, "ogm_alpha": 0.5})
 
     def run(folder, ckpt_every=None, steps=n_steps, model=None):
         return train(model or fresh_model(), ToyLoader(), make_cfg(tmp_path / folder, max_steps=steps,
@@ -404,29 +413,36 @@ def test_resume_mid_epoch_is_exact(tmp_path, algorithm):
 
 # ------------------------------------------------------------------------------------------------------- settings
 def test_algorithms_settings_and_identity():
-    assert ALGORITHMS == PAPER_ROWS + ("ogm_ge", "gblend")
-    alg = make_algorithm(TrainConfig(algorithm="ogm_ge", ogm_alpha=0.3, ogm_start_epoch=2, ogm_end_epoch=5, seed=7))
+    names = method_names()
+    assert names[:6] == [n for n in names if get_method(n).paper_row] and names[6:] == ["ogm_ge", "gblend"]
+
+    def make_algorithm(cfg):
+        return make_method(cfg.algorithm, cfg.options, cfg.seed)
+
+    alg = make_algorithm(TrainConfig(algorithm="ogm_ge", options=dict(ogm_alpha=0.3, ogm_start_epoch=2,
+                                                                      ogm_end_epoch=5), seed=7))
     assert isinstance(alg, OGMGE) and (alg.alpha, alg.window, alg.seed, alg.noise) == (0.3, (2, 5), 7, True)
-    alg = make_algorithm(TrainConfig(algorithm="gblend", gblend_period=4))
+    alg = make_algorithm(TrainConfig(algorithm="gblend", options={"gblend_period": 4}))
     assert isinstance(alg, GradientBlending) and alg.period == 4
     # a balancer's settings define its own runs only
     for field, value, owner in (("ogm_alpha", 0.8, "ogm_ge"), ("ogm_start_epoch", 1, "ogm_ge"),
                                 ("ogm_end_epoch", 9, "ogm_ge"), ("gblend_period", 5, "gblend")):
         for algorithm in ("vanilla", "guided", "ogm_ge", "gblend"):
-            changed = TrainConfig(algorithm=algorithm, **{field: value}).identity() != TrainConfig(
+            changed = TrainConfig(algorithm=algorithm, options={field: value}).identity() != TrainConfig(
                 algorithm=algorithm).identity()
             assert changed == (algorithm == owner), (field, algorithm)
     data = DataConfig.paper()
-    assert run_name(data, TrainConfig(ogm_alpha=0.8), "ogm_ge", 0) != run_name(data, TrainConfig(), "ogm_ge", 0)
-    assert run_name(data, TrainConfig(ogm_alpha=0.8), "vanilla", 0) == run_name(data, TrainConfig(), "vanilla", 0)
+    for algorithm, renamed in (("ogm_ge", True), ("vanilla", False)):
+        assert (run_name(data, TrainConfig(algorithm=algorithm, options={"ogm_alpha": 0.8})) !=
+                run_name(data, TrainConfig(algorithm=algorithm))) == renamed
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(ogm_alpha=-0.1), "ogm_alpha=-0.1 must be a finite number >= 0"),
-    (dict(ogm_alpha=math.inf), "ogm_alpha=inf"),
-    (dict(ogm_start_epoch=-1), "ogm_start_epoch=-1 must be 0 or more"),
-    (dict(ogm_start_epoch=3, ogm_end_epoch=3), "ogm_end_epoch=3 must be greater than ogm_start_epoch=3"),
-    (dict(gblend_period=0), "gblend_period=0 must be at least 1"),
+    (dict(options=dict(ogm_alpha=-0.1)), "ogm_alpha=-0.1 must be a finite number >= 0"),
+    (dict(options=dict(ogm_alpha=math.inf)), "ogm_alpha=inf"),
+    (dict(options=dict(ogm_start_epoch=-1)), "ogm_start_epoch=-1 must be 0 or more"),
+    (dict(options=dict(ogm_start_epoch=3, ogm_end_epoch=3)), "ogm_end_epoch=3 must be greater than ogm_start_epoch=3"),
+    (dict(options=dict(gblend_period=0)), "gblend_period=0 must be at least 1"),
     (dict(algorithm="ogm"), "allowed: unimodal_m0, unimodal_m1, vanilla, rubi, random, guided, ogm_ge, gblend"),
 ])
 def test_bad_balancer_settings(kwargs, message):
@@ -445,7 +461,7 @@ def test_table_and_d_util_plot_show_the_balancers_after_the_papers_rows():
     fig = plot_d_util({a: [table[a]["d_util"][0]] for a in table})
     colors = [bar.get_facecolor()[:3] for bar in fig.axes[0].patches]
     from matplotlib.colors import to_rgb
-    assert colors == [to_rgb(COLORS[a]) for a in table] and len(set(colors)) == 3
+    assert colors == [to_rgb(get_method(a).color) for a in table] and len(set(colors)) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------- CUDA
@@ -453,7 +469,7 @@ def test_table_and_d_util_plot_show_the_balancers_after_the_papers_rows():
 @pytest.mark.parametrize("algorithm", ["ogm_ge", "gblend"])
 def test_cuda_balancer_step_synchronises_once(tmp_path, toy_loaders, algorithm):
     trainer = Trainer(fresh_model(), toy_loaders[0], make_cfg(tmp_path, algorithm=algorithm), device="cuda")
-    trainer._logs = {"steps": io.StringIO()}
+    trainer.logs.files = {"steps": io.StringIO()}
     batches = [tuple(t.cuda() for t in b) for b in toy_loaders[0]]
     trainer._train_step(*batches[0])  # kernels warm, cached indices built
     trainer._train_step(*batches[1])

@@ -7,11 +7,15 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import ToyLoader, fresh_model, read_jsonl
-from greedymm.balance import CLS_GROUPS
-from greedymm.baselines import RUBi, RUBiHeads, UniModal
 from greedymm.config import TrainConfig
-from greedymm.model import UniModalNet, mmtm_convnet
-from greedymm.train import Trainer, evaluate, load_checkpoint, train
+from greedymm.measures import CLS_GROUPS, evaluate
+from greedymm.methods import StepContext
+from greedymm.methods.rubi import RUBi, RUBiHeads, RUBiSettings
+from greedymm.methods.unimodal import UniModal
+from greedymm.models import FusionMode, UniModalNet, mmtm_convnet
+from greedymm.training import Trainer, load_checkpoint, train
+
+FUSED_STEP = StepContext(epoch=0, step=1, batch=0, mode=FusionMode.FUSED, steps_per_epoch=None)
 
 
 def make_cfg(tmp_path, **kw):
@@ -29,12 +33,12 @@ def first_batch(loader):
 @pytest.mark.parametrize("bias", [0, 1])
 def test_rubi_loss_against_a_hand_computation(bias):
     model = fresh_model().train()
-    rubi = RUBi(bias=bias)
+    rubi = RUBi(RUBiSettings(rubi_bias=f"m{bias}"))
     heads = rubi.setup(model)
     assert isinstance(heads, RUBiHeads) and heads.c1[0].in_features == 8 and heads.c2.out_features == 4
     x0, x1, y = first_batch(ToyLoader())
-    out = rubi.forward(model, x0, x1, "fused")
-    loss, terms = rubi.loss(out, y)
+    out = rubi.forward(model, x0, x1, FUSED_STEP)
+    loss, terms = rubi.loss(out, y, FUSED_STEP)
 
     # by hand: the features entering the bias branch's final linear layer, the MLP, the mask, three CE terms
     ref = copy.deepcopy(model)
@@ -61,11 +65,11 @@ def test_rubi_loss_against_a_hand_computation(bias):
 
 def test_rubi_bias_path_sends_no_gradient_into_the_branches():
     model = fresh_model().train()
-    rubi = RUBi(bias=0)
+    rubi = RUBi(RUBiSettings(rubi_bias="m0"))
     heads = rubi.setup(model)
     x0, x1, y = first_batch(ToyLoader())
-    out = rubi.forward(model, x0, x1, "fused")
-    loss, terms = rubi.loss(out, y)
+    out = rubi.forward(model, x0, x1, FUSED_STEP)
+    loss, terms = rubi.loss(out, y, FUSED_STEP)
     loss.backward()
     rubi_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
@@ -80,7 +84,7 @@ def test_rubi_bias_path_sends_no_gradient_into_the_branches():
     # and the bias-only loss alone reaches no parameter of the model
     model.zero_grad(set_to_none=True)
     heads.zero_grad(set_to_none=True)
-    out = rubi.forward(model, x0, x1, "fused")
+    out = rubi.forward(model, x0, x1, FUSED_STEP)
     F.cross_entropy(out["c2"], y).backward()
     assert all(p.grad is None for p in model.parameters())
 
@@ -122,12 +126,12 @@ def test_rubi_mu_of_the_first_step_by_hand(tmp_path):
     initial = copy.deepcopy(model)
     res = train(model, loader, make_cfg(tmp_path, algorithm="rubi", max_steps=1, max_epochs=1))
     logged = read_jsonl(res.log_dir / "steps.jsonl")[0]
-    rubi = RUBi(0)
+    rubi = RUBi()  # bias m0
     torch.manual_seed(0)  # the trainer built the heads right after the model, from the global RNG
     mmtm_convnet(4, widths=(4, 8, 8))
     rubi.setup(initial)  # so this draws the heads' initial weights exactly as the trainer did
     x0, x1, y = first_batch(loader)
-    loss, _ = rubi.loss(rubi.forward(initial.train(), x0, x1, "fused"), y)
+    loss, _ = rubi.loss(rubi.forward(initial.train(), x0, x1, FUSED_STEP), y, FUSED_STEP)
     loss.backward()
     groups = initial.cls_groups()
     for g in CLS_GROUPS:
@@ -181,9 +185,11 @@ def test_algorithms_refuse_the_wrong_network(tmp_path):
     with pytest.raises(TypeError, match="two-branch model"):
         Trainer(uni, ToyLoader(), make_cfg(tmp_path, algorithm="vanilla"))
     with pytest.raises(ValueError, match="modality=2"):
-        UniModal(2)
+        type("UniModalM2", (UniModal,), {"name": "unimodal_m2", "modality": 2})()
     with pytest.raises(ValueError, match="bias=3"):
-        RUBi(3)
+        RUBi(RUBiSettings(rubi_bias=3))
+    with pytest.raises(ValueError, match="rubi_bias='m3' is unknown; allowed: 'm0', 'm1'"):
+        TrainConfig(algorithm="rubi", options={"rubi_bias": "m3"})
 
 
 def test_evaluate_feeds_a_unimodal_network_its_own_modality():

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 import greedymm.data.cache as cache_module
-from greedymm.data.cache import (FORMAT_VERSION, CacheError, build_cache, cache_is_current, open_split,
-                            read_manifest, write_cache)
+import greedymm.data.png_tree as png_tree
+from greedymm.data.cache import FORMAT_VERSION, CacheError, cache_is_current, open_split, read_manifest, write_cache
+from greedymm.data.png_tree import build_cache
 
 CLASSES = ("airplane", "bed", "chair")
 COUNTS = {"train": (3, 2, 2), "test": (1, 2, 1)}  # objects per class
@@ -110,10 +111,11 @@ def test_workers_never_fork_and_never_import_torch(tree, tmp_path):
         path = tmp_path / "one.npy"
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(1, 12, 1, SIZE, SIZE))
         ref = (files[0][0], (SIZE, SIZE))
-        assert pool.submit(cache_module._fill_chunk, str(path), 0, files, 1, (SIZE, SIZE), ref).result()
+        assert pool.submit(png_tree._fill_chunk, str(path), 0, files, 1, (SIZE, SIZE), ref).result()
         loaded = pool.submit(eval, "sorted(m for m in __import__('sys').modules if m.split('.')[0] == 'torch' "
                                    "or m.startswith('greedymm'))").result()
-    assert "greedymm.data.cache" in loaded and not [m for m in loaded if m.startswith("torch")]
+    assert {"greedymm.data.png_tree", "greedymm.data.cache"} <= set(loaded) and not [m for m in loaded
+                                                                                     if m.startswith("torch")]
     np.testing.assert_array_equal(np.load(path)[0, :, 0], np.stack([view_pixels(3, v) for v in range(12)]))
 
 

@@ -1,4 +1,4 @@
-"""Tests of the two-view loader and the validation split (greedymm/data.py)."""
+"""Tests of the two-view loader and the validation split (greedymm/data: batches.py, loader.py)."""
 from __future__ import annotations
 
 import pickle
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import greedymm.data.loader as data
-from greedymm.data.cache import open_split, write_cache
+from greedymm.data.batches import TwoViewLoader, finish_batch
+from greedymm.data.cache import START_METHOD, open_split, split_indices, write_cache
 from greedymm.config import DataConfig
-from greedymm.data.loader import TwoViewLoader, finish_batch, build_loaders, cache_dir_for, split_indices
+from greedymm.data.loader import build_loaders, cache_dir_for
 
 H, W = 4, 6
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SPEC Sec. 1
@@ -272,7 +273,7 @@ def test_persistent_workers_across_epochs_and_resume(tmp_path):
     serial = TwoViewLoader(split.images, split.labels, **kw)
     expected = [all_batches(serial) for _ in range(2)]
     workers = TwoViewLoader(split.images, split.labels, num_workers=2, **kw)  # batches come back in order
-    assert workers.start_method == data.START_METHOD != "fork"
+    assert workers.start_method == START_METHOD != "fork"
     got = [all_batches(workers)]
     pids = [w.pid for w in workers._workers._iterator._workers]
     assert len(pids) == 2

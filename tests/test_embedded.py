@@ -1,4 +1,4 @@
-"""Tests of the procedurally rendered embedded data set (greedymm/embedded.py)."""
+"""Tests of the procedurally rendered embedded data set (greedymm/data/embedded.py, its renderer raycast.py)."""
 from __future__ import annotations
 
 import itertools
@@ -9,11 +9,14 @@ import pytest
 from PIL import Image
 
 import greedymm.data.embedded as embedded
-from greedymm.data.cache import build_cache, open_split, read_manifest
+import greedymm.data.raycast as raycast
 from greedymm.config import DataConfig
+from greedymm.data.cache import open_split, read_manifest
+from greedymm.data.embedded import (EMBEDDED_CLASSES, build_embedded_cache, render_dataset, sample_object,
+                                    write_png_tree)
 from greedymm.data.modelnet import MODELNET40_CLASSES
-from greedymm.data.embedded import (EMBEDDED_CLASSES, EmbeddedObject, Part, build_embedded_cache, render_dataset,
-                               render_views, sample_object, write_png_tree)
+from greedymm.data.png_tree import build_cache
+from greedymm.data.raycast import EmbeddedObject, Part, render_views
 
 SMOKE = DataConfig.smoke()  # 32 px, 12 training and 4 test objects per class
 
@@ -67,7 +70,7 @@ def test_views_are_rotations(smoke_splits):
     views = render_views(ball, 64).astype(int)
     assert np.abs(views - views[0]).max() <= 1  # up to float rounding
     assert ((views > 0) == (views[0] > 0)).all()
-    px = 64 / (2 * embedded._EXTENT)  # pixels per object unit
+    px = 64 / (2 * raycast.EXTENT)  # pixels per object unit
     assert abs((views[0] > 0).sum() / (np.pi * (0.5 * px) ** 2) - 1) < 0.03
     # An unturned slab symmetric under x -> -x: view k and view 12 - k are mirror silhouettes; seen from the
     # front (view 0) it is 1 unit wide, from the side (view 3) 0.4 units.

@@ -10,18 +10,17 @@ import torch
 from matplotlib.patches import Rectangle
 from torch.testing import assert_close
 
-import greedymm.experiment as experiment
-import greedymm.train as train_module
-from greedymm.config import DataConfig, TrainConfig
+import greedymm.experiment.runs as runs_module
+import greedymm.training.trainer as train_module
+from greedymm.config import DataConfig, TrainConfig, run_name
 from greedymm.data import build_loaders
-from greedymm.experiment import (PAPER_MODELNET40, PAPER_TABLE1, best_unimodal, format_table, paper_column,
-                                 read_epochs, read_steps, run_name, run_one, summarize, train_run, train_runs,
-                                 utilization_of_run, utilization_of_runs)
-from greedymm.mmtm import FusionMode
-from greedymm.model import mmtm_convnet
+from greedymm.experiment.runs import Run, run_all
+from greedymm.experiment.table import (PAPER_MODELNET40, PAPER_TABLE1, best_unimodal, format_table, paper_column,
+                                       summarize)
+from greedymm.measures import compute_squeeze_means
+from greedymm.models import FusionMode, mmtm_convnet
 from greedymm.plots import _mode_spans, pick_examples, plot_d_speed, plot_d_util, plot_learning_curves, plot_views
-from greedymm.train import load_checkpoint
-from greedymm.utilization import compute_squeeze_means
+from greedymm.training import load_checkpoint, read_epochs, read_steps
 
 
 def fake_run(alg, seed, acc, d_util, status="ok"):
@@ -81,23 +80,29 @@ def test_format_table_with_the_papers_numbers():
     assert "| vanilla | 2 | 91.00 ± 1.00 |" in two and "-0.200 ± 0.100" in two
 
 
+def named(data, cfg, algorithm, seed, model=""):
+    """The run name of `cfg` trained with `algorithm` and `seed`."""
+    return run_name(data, dataclasses.replace(cfg, algorithm=algorithm, seed=seed), model)
+
+
 def test_run_names_carry_every_setting_that_changes_a_run():
     data, cfg = DataConfig.paper(), TrainConfig.paper()
-    name = run_name(data, cfg, "guided", 2)
+    name = named(data, cfg, "guided", 2)
     assert name.startswith("modelnet40_guided_s2_") and len(name.split("_")[-1]) == 8
-    assert run_name(data, cfg, "guided", 2) == name  # deterministic
-    changed = [run_name(data, dataclasses.replace(cfg, lr=0.05), "guided", 2),
-               run_name(dataclasses.replace(data, batch_size=16), cfg, "guided", 2),
-               run_name(dataclasses.replace(data, val_fraction=0.1), cfg, "guided", 2),
-               run_name(DataConfig.quick(embedded_per_class=60), cfg, "guided", 2),
-               run_name(data, dataclasses.replace(cfg, epsilon=0.1), "guided", 2),
-               run_name(data, cfg, "guided", 2, model="my_model")]
+    assert named(data, cfg, "guided", 2) == name  # deterministic
+    changed = [named(data, dataclasses.replace(cfg, lr=0.05), "guided", 2),
+               named(dataclasses.replace(data, batch_size=16), cfg, "guided", 2),
+               named(dataclasses.replace(data, val_fraction=0.1), cfg, "guided", 2),
+               named(DataConfig.quick(embedded_per_class=60), cfg, "guided", 2),
+               named(data, dataclasses.replace(cfg, options={"epsilon": 0.1}), "guided", 2),
+               named(data, cfg, "guided", 2, model="my_model")]
     assert len(set(changed + [name])) == len(changed) + 1
     # settings that do not change a run keep its name: folders, workers, budgets, another algorithm's settings
-    same = [run_name(dataclasses.replace(data, num_workers=4, data_dir="x"), cfg, "guided", 2),
-            run_name(data, dataclasses.replace(cfg, max_epochs=10, log_dir="y"), "guided", 2)]
+    same = [named(dataclasses.replace(data, num_workers=4, data_dir="x"), cfg, "guided", 2),
+            named(data, dataclasses.replace(cfg, max_epochs=10, log_dir="y"), "guided", 2)]
     assert set(same) == {name}
-    assert run_name(data, dataclasses.replace(cfg, epsilon=0.1), "vanilla", 2) == run_name(data, cfg, "vanilla", 2)
+    assert named(data, dataclasses.replace(cfg, options={"epsilon": 0.1}), "vanilla", 2) == named(data, cfg,
+                                                                                                 "vanilla", 2)
 
 
 # --------------------------------------------------------------------------- end to end on the embedded data
@@ -130,15 +135,16 @@ def test_train_run_and_cur_come_from_the_best_checkpoint_on_the_test_set(tmp_pat
     monkeypatch.setattr(train_module.Trainer, "__init__", spy_init)
     cfg = TrainConfig.smoke(max_epochs=3, log_dir=str(tmp_path / "logging"), ckpt_dir=str(tmp_path / "ckpt"),
                             eval_test=True)
-    run = train_run(smoke_data, cfg, "vanilla", 0, device="cpu", model_fn=small_model, model_name="small",
-                    progress=False)
+    the_run = Run(smoke_data, dataclasses.replace(cfg, algorithm="vanilla", seed=0), small_model, "small", "cpu",
+                  progress=False)
+    run = the_run.train()
     monkeypatch.setattr(train_module, "evaluate", real)
     epochs = read_epochs(run["log_dir"])
     assert run["best_epoch"] == 2 and run["d_speed"] == epochs[1]["d_speed"] != epochs[2]["d_speed"]
     loaded = []
-    monkeypatch.setattr(experiment, "load_checkpoint", lambda path, **kw: loaded.append(str(path)) or
+    monkeypatch.setattr(runs_module, "load_checkpoint", lambda path, **kw: loaded.append(str(path)) or
                         load_checkpoint(path, **kw))
-    out = utilization_of_run(run, smoke_data, device="cpu", model_fn=small_model, progress=False)
+    out = the_run.utilization(run)
     assert [p.split("/")[-1] for p in loaded] == ["best.pt"]
 
     # by hand: best.pt's weights, squeeze means over D_train, then the test set in fused and cut mode
@@ -176,12 +182,13 @@ def test_run_one_records_a_failure_and_the_next_run_goes_on(tmp_path, smoke_data
     def exploding(num_classes):
         raise RuntimeError("boom")
 
-    failed = run_one(smoke_data, cfg, "vanilla", 0, device="cpu", model_fn=exploding, model_name="x",
-                     progress=False)
+    trained, failed = Run(smoke_data, dataclasses.replace(cfg, algorithm="vanilla", seed=0), exploding, "x", "cpu",
+                          progress=False).measure()
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: boom" and "boom" in failed["traceback"]
-    ok = run_one(smoke_data, cfg, "vanilla", 1, device="cpu", model_fn=small_model, model_name="small",
-                 progress=False)
-    assert ok["status"] == "ok" and 0 <= ok["acc"] <= 1 and len(ok["history"]) == 1
+    assert trained is failed  # a training failure is also the measured record
+    trained, ok = Run(smoke_data, dataclasses.replace(cfg, algorithm="vanilla", seed=1), small_model, "small", "cpu",
+                      progress=False).measure()
+    assert ok["status"] == "ok" and 0 <= ok["acc"] <= 1 and len(trained["history"]) == 1 and "history" not in ok
     row = summarize([failed, ok])["vanilla"]
     assert row["failed"] == [0] and row["acc"][2] == 1
 
@@ -238,8 +245,7 @@ def test_colored_digits_vanilla_falls_for_the_color_shortcut(tmp_path):
     data = DataConfig.smoke_digits(data_dir=str(tmp_path / "data"))
     cfg = TrainConfig.for_dataset("colored_digits", max_epochs=2, progress=False, eval_test=False,
                                   log_dir=str(tmp_path / "logging"), ckpt_dir=str(tmp_path / "ckpt"))
-    runs = utilization_of_runs(train_runs(data, cfg, ["unimodal_m1", "vanilla"], [0], device="cpu",
-                                          progress=False), data, "cpu")
+    _, runs = run_all(data, cfg, ["unimodal_m1", "vanilla"], [0], device="cpu", progress=False)
     gray, vanilla = (r["acc"] for r in runs)
     assert all(r["status"] == "ok" for r in runs)
     assert vanilla < gray - 0.2, (vanilla, gray)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from greedymm.mmtm import MMTM, FusionMode, SqueezeExcite, mmtm_hidden
+from greedymm.models.mmtm import MMTM, FusionMode, SqueezeExcite, mmtm_hidden
 
 # (shape of A, shape of B) without the batch dim: vectors, sequences, images and volumes, equal and unequal C.
 SHAPES = {

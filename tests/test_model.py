@@ -13,11 +13,12 @@ from torch.testing import assert_close
 
 from custom_branches import CUSTOM, NUM_CLASSES, TensorLoader, mlp_branch
 from greedymm.config import TrainConfig
-from greedymm.mmtm import FusionMode
-from greedymm.model import (TwoBranchNet, _stage_channels, conv_branch, digit_branch, final_linear, mmtm_convnet,
-                            mmtm_digits, mmtm_resnet18)
-from greedymm.train import _to_device, load_checkpoint, train
-from greedymm.utilization import compute_squeeze_means, conditional_utilization
+from greedymm.measures import compute_squeeze_means, conditional_utilization
+from greedymm.models import (FusionMode, TwoBranchNet, conv_branch, digit_branch, final_linear, mmtm_convnet,
+                             mmtm_digits, mmtm_resnet18)
+from greedymm.models.two_branch import _stage_channels
+from greedymm.runtime import set_channels_last, to_device
+from greedymm.training import load_checkpoint, train
 
 
 def _inputs(seed, n=4, size=16):
@@ -274,9 +275,10 @@ def test_vector_model_trains_resumes_exactly_and_gets_a_cur(tmp_path):
                        TensorLoader(vector_data(24, 2), shuffle=False))
 
     def cfg(folder, max_steps, **kw):
-        return TrainConfig(algorithm="guided", epsilon=0.0, window=2, warmup_epochs=1, lr=0.05, max_epochs=10,
-                           max_steps=max_steps, progress=False, log_dir=str(tmp_path / folder / "logging"),
-                           ckpt_dir=str(tmp_path / folder / "checkpoints"), run_name="vectors", **kw)
+        return TrainConfig(algorithm="guided", options=dict(epsilon=0.0, window=2, warmup_epochs=1), lr=0.05,
+                           max_epochs=10, max_steps=max_steps, progress=False,
+                           log_dir=str(tmp_path / folder / "logging"), ckpt_dir=str(tmp_path / folder / "checkpoints"),
+                           run_name="vectors", **kw)
 
     def fresh():
         torch.manual_seed(0)
@@ -304,17 +306,20 @@ def test_vector_model_trains_resumes_exactly_and_gets_a_cur(tmp_path):
 
 
 def test_to_device_gives_channels_last_to_images_only():
-    class ChannelsLastModel(nn.Module):
-        _channels_last = True  # what the trainer sets on CUDA
+    model = nn.Linear(2, 2)
+    set_channels_last(model, True)  # what the trainer does on CUDA
 
     vec, img = torch.randn(2, 5), torch.randn(2, 3, 4, 4)
-    x0, x1, y = _to_device(vec, img, torch.zeros(2), torch.device("cpu"), ChannelsLastModel())
+    x0, x1, y = to_device(vec, img, torch.zeros(2), torch.device("cpu"), model)
     assert_close(x0, vec) and assert_close(x1, img)
     assert x1.is_contiguous(memory_format=torch.channels_last) and not img.is_contiguous(
         memory_format=torch.channels_last)
     seq, vol = torch.randn(2, 3, 7), torch.randn(2, 1, 3, 3, 3)
-    x0, x1, _ = _to_device(seq, vol, torch.zeros(2), torch.device("cpu"), ChannelsLastModel())
+    x0, x1, _ = to_device(seq, vol, torch.zeros(2), torch.device("cpu"), model)
     assert x0.shape == seq.shape and x1.shape == vol.shape
+    set_channels_last(model, False)
+    assert not to_device(vec, img, torch.zeros(2), torch.device("cpu"), model)[1].is_contiguous(
+        memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------------- pooled features for RUBi

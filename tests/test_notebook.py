@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from greedymm.notebook import PARAMETERS, check_parameters, plan_from_parameters
+from greedymm.experiment.params import check_parameters, parameter_defaults, parameter_spec
+from greedymm.experiment.params import experiment_plan as plan_from_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(DATASET="embedded", IMAGE_SIZE=32, BATCH_SIZE=16, LR=0.05, MOMENTUM=0.9, MAX_EPOCHS=2, SEEDS=[0],
@@ -20,9 +21,9 @@ DEFAULTS = dict(DATASET="modelnet40", DATA_DIR="", DATA_URL="", make_npy_files=F
                 PRECISION="auto", PROGRESS=True)
 
 
-def notebook_defaults() -> dict:
-    """The values of the notebook's parameters cell, read from the notebook itself."""
-    nb = json.loads((ROOT / "greedy_multimodal.ipynb").read_text())
+def notebook_defaults(name: str = "greedy_multimodal.ipynb") -> dict:
+    """The values of a notebook's parameters cell, read from the notebook itself."""
+    nb = json.loads((ROOT / name).read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     values: dict = {}
     exec("".join(cell["source"]), {}, values)
@@ -31,8 +32,12 @@ def notebook_defaults() -> dict:
 
 def test_the_parameters_cell_holds_every_checked_setting_with_its_documented_default():
     values = notebook_defaults()
-    assert set(PARAMETERS) <= set(values)
+    assert set(parameter_spec()) <= set(values)
     assert {k: values[k] for k in DEFAULTS} == DEFAULTS
+    # the command's defaults are the notebooks' (greedymm.experiment.params)
+    assert values == parameter_defaults() == DEFAULTS
+    studies = notebook_defaults("paper_studies.ipynb")
+    assert studies == parameter_defaults(studies=True) and list(studies) == list(parameter_spec(studies=True))
 
 
 def test_plan_fills_the_paper_presets_per_dataset():
@@ -40,11 +45,12 @@ def test_plan_fills_the_paper_presets_per_dataset():
     assert plan.algorithms == ["unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided"]
     assert (plan.data.dataset, plan.data.views, plan.data.image_size, plan.data.batch_size) == (
         "modelnet40", (0, 6), 224, 8)
-    assert (plan.train.lr, plan.train.momentum, plan.train.epsilon, plan.train.window, plan.train.max_epochs) == (
-        0.1, 0.0, 0.01, 5, 300)
+    assert (plan.train.lr, plan.train.momentum, plan.train.option("epsilon"), plan.train.option("window"),
+            plan.train.max_epochs) == (0.1, 0.0, 0.01, 5, 300)
     digits = plan_from_parameters(dict(DEFAULTS, DATASET="colored_digits", UNIMODAL=False, SEEDS=[3]))
     assert (digits.data.views, digits.data.image_size, digits.data.batch_size) == ((0, 1), 28, 128)
-    assert (digits.train.lr, digits.train.momentum, digits.train.epsilon, digits.train.window) == (0.01, 0.9, 0.1, 5)
+    assert (digits.train.lr, digits.train.momentum, digits.train.option("epsilon"), digits.train.option("window")) == (
+        0.01, 0.9, 0.1, 5)
     assert digits.algorithms == ["vanilla", "rubi", "random", "guided"] and digits.seeds == [3]
     mine = plan_from_parameters(dict(DEFAULTS, LR=0.02, BATCH_SIZE=4, VIEWS=[2, 2], ALGORITHMS=["guided"],
                                      UNIMODAL=False, DATA_URL="http://mirror/x.tar.gz"))
@@ -53,7 +59,8 @@ def test_plan_fills_the_paper_presets_per_dataset():
     balancers = plan_from_parameters(dict(DEFAULTS, ALGORITHMS=["gblend", "vanilla", "ogm_ge"], OGM_ALPHA=0.5,
                                           GBLEND_PERIOD=2))
     assert balancers.algorithms == ["unimodal_m0", "unimodal_m1", "vanilla", "ogm_ge", "gblend"]
-    assert (balancers.train.ogm_alpha, balancers.train.gblend_period) == (0.5, 2)
+    assert (balancers.train.option("ogm_alpha"), balancers.train.option("gblend_period")) == (0.5, 2)
+    assert balancers.train.options == {"ogm_alpha": 0.5, "gblend_period": 2}
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -99,7 +106,7 @@ def images_in(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_notebook_runs_all_six_rows_shows_every_figure_and_resumes(tmp_path):
+def test_notebook_runs_all_six_rows_shows_every_figure_and_resumes(tmp_path, capsys):
     pytest.importorskip("papermill")
     results = execute(tmp_path, "first.ipynb")
     runs = results["runs"]
@@ -126,6 +133,22 @@ def test_notebook_runs_all_six_rows_shows_every_figure_and_resumes(tmp_path):
     assert again["steps_this_call"] == 0
     assert [r["steps"] for r in again["runs"]] == [r["steps"] for r in runs]
     assert [r["d_util"] for r in again["runs"]] == pytest.approx([r["d_util"] for r in runs], nan_ok=True)
+
+    # `python -m greedymm run` with the same settings prints the notebook's table and writes its results file
+    from greedymm.__main__ import main
+
+    executed = json.loads((tmp_path / "second.ipynb").read_text())
+    table = next("".join(o["data"]["text/markdown"]) for c in executed["cells"] for o in c.get("outputs", [])
+                 if "text/markdown" in o.get("data", {}))
+    settings = dict(TINY, DATA_DIR=str(tmp_path / "data"), LOG_DIR=str(tmp_path / "logging"),
+                    CKPT_DIR=str(tmp_path / "checkpoints"))
+    config = tmp_path / "settings.yaml"
+    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
+    assert main(["run", "--config", str(config)]) == 0
+    assert table in capsys.readouterr().out
+    command = json.loads((tmp_path / "logging" / "results_embedded.json").read_text())
+    assert json.dumps(command["summary"]) == json.dumps(again["summary"]) and command["rows"] == again["rows"]
+    assert [Path(f).name for f in command["figures"]] == [Path(f).name for f in again["figures"]]
 
 
 @pytest.mark.parametrize("name, dataset, image_size, epochs", [("notebook_embedded.yaml", "embedded", 48, 5),

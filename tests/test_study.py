@@ -11,19 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from greedymm.config import DataConfig, TrainConfig
-from greedymm.experiment import run_name
-from greedymm.model import mmtm_convnet
-from greedymm.regularization import sparsity
+from greedymm.config import DataConfig, TrainConfig, run_name
+from greedymm.measures import sparsity
+from greedymm.models import mmtm_convnet, model_factory
 from greedymm.study import Grid, Study, expand, load_study, log_space, make_executor, run_study
 from greedymm.study.executors import ProcessExecutor
 from greedymm.study.grid import pair_views
 from greedymm.study.presets import sensitivity
 from greedymm.study.records import append_record, finished_keys, latest, read_records
-from greedymm.train import train
+from greedymm.training import train
 
 TINY_DATA = dict(image_size=16, embedded_per_class=2, embedded_test_per_class=1, batch_size=8)
-MODEL = "greedymm.model:mmtm_convnet"
+MODEL = "greedymm.models.zoo:mmtm_convnet"
 # Figures a run's record carries that must not depend on where it ran.
 RESULTS = ("acc", "acc0", "acc1", "acc0_cut", "acc1_cut", "u_m1_m0", "u_m0_m1", "d_util", "d_speed", "val_acc",
            "rho", "steps", "best_epoch")
@@ -56,7 +55,7 @@ def test_log_space_hand_values():
 
 def test_expand_names_runs_as_ordinary_runs(tmp_path):
     study = Study("names", (Grid(datasets=("embedded",), algorithms=("vanilla", "guided"), lrs=(0.1, 0.01),
-                                 seeds=(0, 1), epsilons=(0.01, 0.1)),), data={"image_size": 32})
+                                 seeds=(0, 1), options={"epsilon": (0.01, 0.1)}),), data={"image_size": 32})
     specs = expand(study, tmp_path / "log", tmp_path / "ck")
     # vanilla has no epsilon: 2 lrs x 2 seeds; guided: 2 lrs x 2 epsilons x 2 seeds
     assert len(specs) == 4 + 8
@@ -66,26 +65,26 @@ def test_expand_names_runs_as_ordinary_runs(tmp_path):
     assert len({s.run_name for s in specs}) == 12
     g = next(s for s in specs if s.algorithm == "guided" and s.lr == 0.01 and s.epsilon == 0.1 and s.seed == 1)
     data = DataConfig(dataset="embedded", image_size=32)
-    cfg = TrainConfig.for_dataset("embedded", lr=0.01, epsilon=0.1)
-    assert g.run_name == run_name(data, cfg, "guided", 1)  # the name of the same ordinary run
+    cfg = TrainConfig.for_dataset("embedded", lr=0.01, options={"epsilon": 0.1}, algorithm="guided", seed=1)
+    assert g.run_name == run_name(data, cfg)  # the name of the same ordinary run
     assert g.train["log_dir"] == str((tmp_path / "log").absolute()) and g.train["run_name"] == g.run_name
     assert g.data_config().views == (0, 6) and g.pair == "distinct"
     # the folders do not change the name; a setting does
     assert [s.run_name for s in expand(study, "elsewhere", "other")] == [s.run_name for s in specs]
     v = next(s for s in specs if s.algorithm == "vanilla" and s.lr == 0.1 and s.seed == 0)
-    assert v.run_name == run_name(data, TrainConfig.for_dataset("embedded", lr=0.1), "vanilla", 0)
+    assert v.run_name == run_name(data, TrainConfig.for_dataset("embedded", lr=0.1, algorithm="vanilla", seed=0))
 
 
 def test_grids_union_runs_once():
-    a = Grid(datasets=("embedded",), algorithms=("guided",), epsilons=(0.01, 0.1), windows=(5,))
-    b = Grid(datasets=("embedded",), algorithms=("guided",), epsilons=(0.01,), windows=(2, 5))
+    a = Grid(datasets=("embedded",), algorithms=("guided",), options={"epsilon": (0.01, 0.1), "window": (5,)})
+    b = Grid(datasets=("embedded",), algorithms=("guided",), options={"window": (2, 5), "epsilon": (0.01,)})
     specs = expand(Study("union", (a, b)))
     assert sorted((s.epsilon, s.window) for s in specs) == [(0.01, 2), (0.01, 5), (0.1, 5)]
 
 
 def test_sensitivity_sweeps_the_balancers_settings_only_for_their_algorithm(tmp_path):
-    study = sensitivity("embedded", epsilons=(0.01, 0.1), windows=(5,), seeds=(0,), alphas=(0.1, 0.8),
-                        periods=(2,), data={"image_size": 32})
+    study = sensitivity("embedded", sweeps={"epsilon": (0.01, 0.1), "window": (5,), "ogm_alpha": (0.1, 0.8),
+                                            "gblend_period": (2,)}, seeds=(0,), data={"image_size": 32})
     specs = expand(study, tmp_path / "log", tmp_path / "ck")
     by_alg = {a: [s for s in specs if s.algorithm == a] for a in ("guided", "ogm_ge", "gblend")}
     assert len(specs) == 2 + 2 + 1 and {len(v) for v in by_alg.values()} == {2, 1}
@@ -93,15 +92,16 @@ def test_sensitivity_sweeps_the_balancers_settings_only_for_their_algorithm(tmp_
     assert all(s.epsilon is None and s.window is None and s.gblend_period is None for s in by_alg["ogm_ge"])
     assert all(s.ogm_alpha is None and s.gblend_period is None for s in by_alg["guided"])
     (gb,) = by_alg["gblend"]
-    assert gb.gblend_period == 2 and gb.train["gblend_period"] == 2 and gb.ogm_alpha is None
+    assert gb.gblend_period == 2 and gb.train["options"]["gblend_period"] == 2 and gb.ogm_alpha is None
     o = next(s for s in by_alg["ogm_ge"] if s.ogm_alpha == 0.8)
     data = DataConfig(dataset="embedded", image_size=32)
-    assert o.train["ogm_alpha"] == 0.8
-    assert o.run_name == run_name(data, TrainConfig.for_dataset("embedded", ogm_alpha=0.8), "ogm_ge", 0)
+    assert o.train["options"]["ogm_alpha"] == 0.8 and o.train_config().settings().ogm_alpha == 0.8
+    assert o.run_name == run_name(data, TrainConfig.for_dataset("embedded", options={"ogm_alpha": 0.8},
+                                                                algorithm="ogm_ge", seed=0))
     assert o.settings()["ogm_alpha"] == 0.8 and o.settings()["gblend_period"] is None
     # the preset grids: four alphas and four periods; an empty sweep drops that balancer
-    assert [len(g.ogm_alphas) for g in sensitivity("embedded").grids if g.algorithms == ("ogm_ge",)] == [4]
-    none = sensitivity("embedded", alphas=(), periods=())
+    assert [len(g.options["ogm_alpha"]) for g in sensitivity("embedded").grids if g.algorithms == ("ogm_ge",)] == [4]
+    none = sensitivity("embedded", sweeps={"ogm_alpha": (), "gblend_period": ()})
     assert {a for g in none.grids for a in g.algorithms} == {"guided"}
 
 
@@ -152,10 +152,22 @@ def test_identical_pairs_give_identical_tensors(dirs):
     (dict(name="s", grids=(dict(seeds=()),)), "Grid.seeds is empty"),
     (dict(name="s", grids=(dict(algorithms=("sgd",)),)), "allowed: "),
     (dict(name="s", grids=(dict(lrs=0.1),)), "must be a list"),
+    (dict(name="s", grids=(dict(options={"epsilon": 0.1}),)), "must be a list"),
+    (dict(name="s", grids=(dict(options={"epsilon": ()}),)), "is empty"),
+    (dict(name="s", grids=(dict(options={"epsilom": (0.1,)}),)), "which no method declares"),
+    (dict(name="s", train={"options": {"epsilon": 0.1}}), "set by the grid"),
+    (dict(name="s", train={"epsilon": 0.1}), "not TrainConfig fields .a method's setting goes in train\\['options'\\]"),
 ])
 def test_study_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Study(**kwargs)
+
+
+def test_a_model_named_by_its_old_module_is_the_same_model():
+    # run names embed the study's model string: "greedymm.model:..." (before greedymm.models) still resolves
+    assert model_factory("greedymm.model:mmtm_convnet") is model_factory(MODEL) is mmtm_convnet
+    with pytest.raises(ValueError, match="model='greedymm.nowhere:f' cannot be loaded"):
+        model_factory("greedymm.nowhere:f")
 
 
 def test_study_round_trips_through_json():

@@ -162,9 +162,9 @@ NOTEBOOK = dict(DATASET="modelnet40", DATA_DIR=None, IMAGE_SIZE=None, BATCH_SIZE
 
 
 def test_notebook_defaults_are_the_papers_grids():
-    from greedymm.study.notebook import plan_from_parameters
+    from greedymm.experiment.params import study_plan
 
-    plan = plan_from_parameters(NOTEBOOK)
+    plan = study_plan(NOTEBOOK)
     greedy = plan.studies["greedy_learner"].grids[0]
     assert len(greedy.lrs) == 9 and greedy.lrs[0] == 1e-3 and greedy.lrs[-1] == 1.0 and greedy.seeds == (0, 1, 2)
     assert greedy.pairs == ("distinct", "identical") and greedy.algorithms == ("vanilla",)
@@ -173,15 +173,19 @@ def test_notebook_defaults_are_the_papers_grids():
     assert reg.train["momentum"] == 0.0 and reg.grids[0].pairs == ("distinct",)
     sens = plan.studies["sensitivity"]
     guided = [g for g in sens.grids if g.algorithms == ("guided",)]
-    assert {(len(g.epsilons), len(g.windows)) for g in guided} == {(5, 1), (1, 5)}
+    assert {(len(g.options["epsilon"]), len(g.options["window"])) for g in guided} == {(5, 1), (1, 5)}
+    assert [g.options["epsilon"] for g in guided] == [(0.001, 0.003, 0.01, 0.03, 0.1), (0.01,)]
+    assert [g.options["window"] for g in guided] == [(5,), (1, 2, 5, 10, 20)]
     assert len(sens.grids[0].seeds) == 3 and sens.grids[0].algorithms == ("guided",)
-    assert [(g.algorithms, len(g.ogm_alphas), len(g.gblend_periods)) for g in sens.grids[2:]] == [
-        (("ogm_ge",), 4, 1), (("gblend",), 1, 4)]
+    assert [(g.algorithms, {k: len(v) for k, v in g.options.items()}) for g in sens.grids[2:]] == [
+        (("ogm_ge",), {"ogm_alpha": 4}), (("gblend",), {"gblend_period": 4})]
+    digits = study_plan({**NOTEBOOK, "DATASET": "colored_mnist"}).studies["sensitivity"].grids
+    assert [g.options["epsilon"] for g in digits[:2]] == [(0.01, 0.03, 0.1, 0.3, 1.0), (0.1,)]
     assert plan.executor.name == "local"
 
 
 def test_notebook_settings_are_checked():
-    from greedymm.study.notebook import plan_from_parameters
+    from greedymm.experiment.params import study_plan as plan_from_parameters
 
     with pytest.raises(TypeError, match="GREEDY_LRS='0.1' is a str; it must be a list\\[float\\] or None.*YAML"):
         plan_from_parameters({**NOTEBOOK, "GREEDY_LRS": "0.1"})

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(DATASET="embedded", IMAGE_SIZE=16, BATCH_SIZE=8, MAX_EPOCHS=1, EMBEDDED_PER_CLASS=2,
-            EMBEDDED_TEST_PER_CLASS=1, MODEL="greedymm.model:mmtm_convnet", GREEDY_LRS=[0.05], GREEDY_SEEDS=[0],
+            EMBEDDED_TEST_PER_CLASS=1, MODEL="greedymm.models.zoo:mmtm_convnet", GREEDY_LRS=[0.05], GREEDY_SEEDS=[0],
             GREEDY_PAIRS=["distinct", "identical"],
             REG_L1S=[0.0, 0.001], REG_SEEDS=[0], SENS_EPSILONS=[0.01, 1.0], SENS_WINDOWS=[5], SENS_ALPHAS=[0.5],
             SENS_PERIODS=[1], SENS_SEEDS=[0], EXECUTOR="local")

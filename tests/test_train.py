@@ -12,22 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import greedymm.train as train_module
+import greedymm.training.trainer as train_module
 from conftest import ToyLoader, fresh_model, read_jsonl
-from greedymm.balance import CLS_GROUPS, CLSTracker, GuidedSchedule
 from greedymm.config import DataConfig, TrainConfig
-from greedymm.experiment import read_steps
-from greedymm.mmtm import MMTM, FusionMode
-from greedymm.model import mmtm_convnet
+from greedymm.measures import CLS_GROUPS, CLSTracker, evaluate
+from greedymm.methods import StepContext
+from greedymm.methods.guided import Guided, GuidedSettings
+from greedymm.models import MMTM, FusionMode, mmtm_convnet
 from greedymm.plots import plot_d_speed
-from greedymm.train import (NonFiniteLossError, RunSettingsError, Trainer, amp_dtype, evaluate, load_checkpoint,
-                            train)
+from greedymm.runtime import amp_dtype
+from greedymm.training import NonFiniteLossError, RunSettingsError, Trainer, load_checkpoint, read_steps, train
 
 
-def make_cfg(tmp_path, **kw):
+def make_cfg(tmp_path, options=None, **kw):
     base = dict(lr=0.05, max_epochs=3, progress=False, log_dir=str(tmp_path / "logging"),
-                ckpt_dir=str(tmp_path / "checkpoints"), run_name="run", warmup_epochs=1, epsilon=0.0, window=2)
-    return TrainConfig(**{**base, **kw})
+                ckpt_dir=str(tmp_path / "checkpoints"), run_name="run")
+    return TrainConfig(**{**base, **kw}, options={"warmup_epochs": 1, "epsilon": 0.0, "window": 2, **(options or {})})
 
 
 def hand_mu(params):
@@ -89,7 +89,7 @@ def test_evaluation_runs_in_fused_mode_whatever_the_schedule(tmp_path, toy_loade
     monkeypatch.setattr(MMTM, "forward", spy)
     train_l, val, test = toy_loaders
     # window 7 > 6 batches per epoch: every epoch after warm-up ends inside a re-balancing window
-    res = train(fresh_model(), train_l, make_cfg(tmp_path, algorithm="guided", window=7), val, test)
+    res = train(fresh_model(), train_l, make_cfg(tmp_path, algorithm="guided", options={"window": 7}), val, test)
     assert read_jsonl(res.log_dir / "steps.jsonl")[-1]["mode"] != "fused"
     assert set(eval_modes) == {"fused"} and "fused" not in set(train_modes[-3:])
 
@@ -209,7 +209,7 @@ def replay_guided(steps, epsilon, window, warmup_epochs, key="d_speed"):
 
 
 def test_guided_modes_replay_from_the_logged_d_speed(tmp_path, toy_loaders):
-    cfg = make_cfg(tmp_path, algorithm="guided", max_epochs=5, epsilon=0.02, window=3)
+    cfg = make_cfg(tmp_path, algorithm="guided", max_epochs=5, options={"epsilon": 0.02, "window": 3})
     res = train(fresh_model(), toy_loaders[0], cfg, toy_loaders[1])
     steps = read_jsonl(res.log_dir / "steps.jsonl")
     logged = [s["mode"] for s in steps]
@@ -248,17 +248,18 @@ def test_tracker_adds_nothing_for_a_skipped_step(tiny_model, toy_loaders):
 
 
 def test_guided_does_not_check_after_a_skipped_step():
-    s = GuidedSchedule(epsilon=0.1, window=2, warmup_epochs=0)
-    assert s.next_mode(0) is FusionMode.FUSED
-    s.observe(FusionMode.FUSED, 5.0, skipped=True)
-    assert s.next_mode(0) is FusionMode.FUSED  # the skipped step's d_speed is not a new check
-    s.observe(FusionMode.FUSED, 5.0, skipped=False)
-    assert s.next_mode(0) is FusionMode.REBALANCE_M0
+    s = Guided(GuidedSettings(epsilon=0.1, window=2, warmup_epochs=0))
+    step = StepContext(epoch=0, step=1, batch=0, mode=FusionMode.FUSED, steps_per_epoch=None)
+    assert s.next_mode(step) is FusionMode.FUSED
+    s.observe(step, {"d_speed": 5.0, "skipped": True})
+    assert s.next_mode(step) is FusionMode.FUSED  # the skipped step's d_speed is not a new check
+    s.observe(step, {"d_speed": 5.0, "skipped": False})
+    assert s.next_mode(step) is FusionMode.REBALANCE_M0
 
 
 def test_fp16_overflow_skips_steps_without_poisoning_the_cls(tmp_path):
     """GradScaler('cpu') with a huge initial scale: the first steps overflow in fp16 and are skipped."""
-    cfg = make_cfg(tmp_path, algorithm="guided", precision="fp16", max_epochs=5, epsilon=0.0)
+    cfg = make_cfg(tmp_path, algorithm="guided", precision="fp16", max_epochs=5, options={"epsilon": 0.0})
     trainer = Trainer(fresh_model(), ToyLoader(), cfg, device="cpu")
     assert trainer.amp_dtype is torch.float16 and trainer.scaler is not None
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
@@ -460,10 +461,10 @@ def test_cuda_mixed_precision_and_channels_last(tmp_path, toy_loaders, precision
 @pytest.mark.parametrize("mode", list(FusionMode)[:3])
 def test_cuda_training_step_synchronises_once(tmp_path, toy_loaders, mode):
     trainer = Trainer(fresh_model(), toy_loaders[0], make_cfg(tmp_path), device="cuda")
-    trainer._logs = {"steps": io.StringIO()}
+    trainer.logs.files = {"steps": io.StringIO()}
     batches = [tuple(t.cuda() for t in b) for b in toy_loaders[0]]
     trainer._train_step(*batches[0])  # a regular step: running means exist, kernels are warm
-    trainer.algorithm.next_mode = lambda epoch: mode
+    trainer.method.next_mode = lambda ctx: mode
     trainer._train_step(*batches[1])  # the first step of a mode may build cached indices once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
@@ -480,21 +481,23 @@ def test_cuda_training_step_synchronises_once(tmp_path, toy_loaders, mode):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(algorithm="greedy"), "algorithm='greedy' is unknown; allowed: unimodal_m0, unimodal_m1, vanilla, rubi, "
                                "random, guided"),
-    (dict(epsilon=-0.1), "epsilon=-0.1 must be a finite number >= 0"),
-    (dict(window=0), "window=0 must be at least 1"),
+    (dict(options={"epsilon": -0.1}), "epsilon=-0.1 must be a finite number >= 0"),
+    (dict(options={"window": 0}), "window=0 must be at least 1"),
     (dict(lr=0), "lr=0 must be a positive"),
     (dict(momentum=1.0), "momentum=1.0 must be in"),
     (dict(max_epochs=0), "max_epochs=0 must be at least 1"),
     (dict(max_steps=0), "max_steps=0 must be at least 1"),
-    (dict(warmup_epochs=-1), "warmup_epochs=-1"),
-    (dict(algorithm="random", warmup_epochs=0), "random needs at least 1 warm-up epoch"),
-    (dict(algorithm="guided", warmup_epochs=0), "guided needs at least 1 warm-up epoch"),
+    (dict(options={"warmup_epochs": -1}), "warmup_epochs=-1"),
+    (dict(algorithm="random", options={"warmup_epochs": 0}), "random needs at least 1 warm-up epoch"),
+    (dict(algorithm="guided", options={"warmup_epochs": 0}), "guided needs at least 1 warm-up epoch"),
     (dict(plateau_factor=1.5), "plateau_factor=1.5"),
     (dict(run_name="a/b"), "run_name='a/b'"),
     (dict(ckpt_every_steps=0), "ckpt_every_steps=0"),
     (dict(precision="half"), "precision='half' is unknown; allowed: auto, fp32, bf16, fp16"),
     (dict(l1=-1.0), "l1=-1.0 must be a finite number >= 0"),
-    (dict(rubi_bias="m2"), "rubi_bias='m2' is unknown"),
+    (dict(options={"rubi_bias": "m2"}), "rubi_bias='m2' is unknown"),
+    (dict(options={"epsilom": 0.1}), "which no method declares; allowed: rubi_bias, warmup_epochs, epsilon"),
+    (dict(options=[("epsilon", 0.1)]), "must be a dict of method settings"),
 ])
 def test_bad_train_settings(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -502,16 +505,16 @@ def test_bad_train_settings(kwargs, message):
 
 
 def test_warmup_zero_is_fine_where_nothing_re_balances(tmp_path, toy_loaders):
-    res = train(fresh_model(), toy_loaders[0], make_cfg(tmp_path, warmup_epochs=0, max_epochs=1))
+    res = train(fresh_model(), toy_loaders[0], make_cfg(tmp_path, options={"warmup_epochs": 0}, max_epochs=1))
     assert res.steps == len(toy_loaders[0])
 
 
 def test_identity_leaves_out_what_does_not_change_a_run():
-    a = TrainConfig(algorithm="vanilla", epsilon=0.01, run_name="x", max_epochs=3, progress=False)
-    b = TrainConfig(algorithm="vanilla", epsilon=0.5, run_name="y", max_epochs=9, log_dir="elsewhere")
+    a = TrainConfig(algorithm="vanilla", options={"epsilon": 0.01}, run_name="x", max_epochs=3, progress=False)
+    b = TrainConfig(algorithm="vanilla", options={"epsilon": 0.5}, run_name="y", max_epochs=9, log_dir="elsewhere")
     assert a.identity() == b.identity()  # epsilon is guided's; names, folders and budgets are not settings
-    assert TrainConfig(algorithm="guided", epsilon=0.01).identity() != TrainConfig(algorithm="guided",
-                                                                                   epsilon=0.5).identity()
+    assert TrainConfig(algorithm="guided", options={"epsilon": 0.01}).identity() != TrainConfig(
+        algorithm="guided", options={"epsilon": 0.5}).identity()
     assert TrainConfig(lr=0.1).identity() != TrainConfig(lr=0.2).identity()
     assert DataConfig(batch_size=8).identity() != DataConfig(batch_size=16).identity()
     assert DataConfig(num_workers=0).identity() == DataConfig(num_workers=4, data_dir="x").identity()
@@ -536,7 +539,8 @@ def test_presets():
     assert (paper.lr, paper.momentum, paper.weight_decay, paper.max_epochs) == (0.1, 0.0, 0.0, 300)
     assert (paper.plateau_factor, paper.plateau_patience, paper.plateau_threshold, paper.min_lr) == (
         0.3, 10, 1e-3, 1e-6)
-    assert (paper.epsilon, paper.window, paper.full_acc_epochs) == (0.01, 5, 5)
+    assert (paper.option("epsilon"), paper.option("window"), paper.full_acc_epochs) == (0.01, 5, 5)
+    assert paper.options == {} and TrainConfig.for_dataset("colored_digits").options == {"epsilon": 0.1, "window": 5}
     data = DataConfig.paper()
     assert (data.dataset, data.views, data.batch_size, data.val_fraction, data.image_size) == (
         "modelnet40", (0, 6), 8, 0.2, 224)

@@ -6,8 +6,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from custom_branches import CUSTOM
-from greedymm.mmtm import SqueezeExcite
-from greedymm.model import UniModalNet, conv_branch, final_linear, mmtm_convnet, mmtm_digits, mmtm_resnet18
+from greedymm.models import (SqueezeExcite, UniModalNet, conv_branch, final_linear, mmtm_convnet, mmtm_digits,
+                             mmtm_resnet18)
 
 
 def seq_image_inputs(n):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from greedymm.utilization import compute_squeeze_means, conditional_utilization, utilization_rates
+from greedymm.measures.cur import compute_squeeze_means, conditional_utilization, utilization_rates
 
 
 def test_utilization_rates_by_hand():

@@ -1,16 +1,20 @@
-"""Where batches come from (SPEC Sec. 1, 10): downloads, the .npy cache, the datasets and the two-view loader.
-
-Names are imported on first use: worker processes that build caches import `greedymm.data.cache` or
-`greedymm.data.embedded` (numpy and PIL only), and must not pull in torch through this package.
+"""Where batches come from (SPEC Sec. 1, 10): the dataset registry, downloads, the .npy cache, the datasets (each
+module registers its spec: `modelnet.py`, `embedded.py`, `digits.py`) and the two-view loader.
 """
 from __future__ import annotations
+
+# Names are imported on first use: worker processes that build caches import `greedymm.data.png_tree` or
+# `greedymm.data.embedded` (numpy and PIL only), and must not pull in torch through this package.
 
 import importlib
 from typing import Any
 
-_WHERE = {"open_split": "cache", "split_indices": "cache", "CacheSplit": "cache",
-          "Loaders": "loader", "TwoViewLoader": "loader", "build_loaders": "loader", "cache_dir_for": "loader",
-          "dataset_splits": "loader", "prepare_data": "loader"}
+_WHERE = {"open_split": "cache", "split_indices": "cache", "CacheSplit": "cache", "write_cache": "cache",
+          "build_cache": "png_tree", "TwoViewLoader": "batches", "finish_batch": "batches",
+          "Loaders": "loader", "build_loaders": "loader", "cache_dir_for": "loader", "dataset_splits": "loader",
+          "prepare_data": "loader", "DatasetSpec": "registry", "InputFormat": "registry",
+          "register_dataset": "registry", "unregister_dataset": "registry", "get_dataset": "registry",
+          "dataset_names": "registry", "datasets": "registry"}
 
 __all__ = sorted(_WHERE)
 

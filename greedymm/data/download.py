@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from tqdm.auto import tqdm
 

@@ -1,5 +1,6 @@
 """ModelNet40 as the MVCNN 12-view shaded renders (SPEC Sec. 1): the class list, finding the class folders
-whatever the archive's top folder is called, and getting the renders (placed by hand, unpacked, or downloaded).
+whatever the archive's top folder is called, getting the renders (placed by hand, unpacked, or downloaded), their
+cache, and the dataset's spec (front and rear views, ImageNet-normalised, flipped in training; ResNet18 branches).
 """
 from __future__ import annotations
 
@@ -8,11 +9,19 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..config import DataConfig
+from .cache import cache_is_current, read_manifest
 from .download import ARCHIVE_SUFFIXES, DownloadError, download, safe_extract
+from .png_tree import build_cache
+from .registry import DatasetSpec, InputFormat, register_dataset
 
 log = logging.getLogger(__name__)
 
+MODELNET_URL = "http://supermoe.cs.umass.edu/shape_recog/shaded_images.tar.gz"
 ARCHIVE_NAME = "shaded_images.tar.gz"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The renders' input: gray renders repeated to 3 channels, ImageNet-normalised, flipped at random in training.
+RENDERS = InputFormat(None, IMAGENET_MEAN, IMAGENET_STD, flip=True)
 # The 40 ModelNet40 classes; a label is the index in this list (SPEC Sec. 1).
 MODELNET40_CLASSES = (
     "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone",
@@ -119,3 +128,36 @@ def ensure_modelnet(cfg: DataConfig, progress: bool = True, retries: int = 5, ba
                                 f"and test/ inside); its contents are in {unpacked}")
     log.info("using the renders in %s", root)
     return root
+
+
+def build_modelnet_cache(cfg: DataConfig, cache_dir: Path, force: bool = False, progress: bool = True) -> Path:
+    """The ModelNet40 cache: reused when current; a complete cache whose source renders were deleted afterwards is
+    used as it is; else the renders are found, unpacked or downloaded (`ensure_modelnet`) and cached.
+
+    Args:
+        cfg: the data config (data_dir, url, mirrors, sha256, image_size, cache_workers).
+        cache_dir: the cache folder.
+        force: rebuild even if a current cache exists.
+        progress: tqdm bars.
+    Returns:
+        cache_dir.
+    """
+    if not force:
+        manifest = read_manifest(cache_dir) or {}
+        root = manifest.get("source", {}).get("root")
+        expected = {"classes": list(MODELNET40_CLASSES), "image_size": cfg.image_size, "source": {"kind": "png_tree"}}
+        if root and not Path(root).exists() and cache_is_current(cache_dir, expected):
+            log.info("using the cache in %s (its source renders %s are gone)", cache_dir, root)
+            return cache_dir
+    image_root = ensure_modelnet(cfg, progress=progress)
+    return build_cache(image_root, cache_dir, MODELNET40_CLASSES, image_size=cfg.image_size,
+                       force=force, workers=cfg.cache_workers, progress=progress)
+
+
+# SPEC Sec. 1 and 6: views 0 (front) and 6 (rear) at 224 px, 20% of the training objects held out, batch 8, the
+# paper's protocol (TrainConfig's defaults).
+register_dataset(DatasetSpec(
+    name="modelnet40", num_views=12, default_views=(0, 6), image_size=224, val_fraction=0.2, input_format=RENDERS,
+    cache_builder="greedymm.data.modelnet:build_modelnet_cache", default_model="resnet18", family="renders",
+    identical_view=0, url=MODELNET_URL, data_dir="ModelNet", cache_prefix="npy", paper_column="modelnet40",
+    order=0))

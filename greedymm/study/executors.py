@@ -1,138 +1,23 @@
 """Where a study's runs execute (SPEC Sec. 11): `local` (one after another in this process), `processes` (worker
-processes on this machine: a share of the CPU threads, one GPU, or a fraction of one each) and `ray` (Ray tasks on
-a cluster or a local Ray). Each run is `execute_run`: train or resume it, its CUR (experiment.run_one) and its
-sparsity rho, returned as one record; a failure is a record too, never an exception that stops the others.
+processes: a share of the CPU threads, a GPU or a fraction of one each) and `ray` (a Ray cluster or a local Ray);
+each runs `greedymm.study.records.execute_run`, and a failure is a record, never an exception that stops the others.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import math
 import multiprocessing as mp
 import os
-import platform
-import socket
-import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from ..data import build_loaders
-from ..experiment import ModelFn, make_model, run_one
-from ..regularization import sparsity
-from ..train import default_device, load_checkpoint
 from .grid import RunSpec
+from .records import execute_run, failed_record
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "processes", "ray")
-# What a record keeps of run_one's output (the history and the paths of the run stay in its own folder).
-FIGURES = ("acc", "acc0", "acc1", "acc0_cut", "acc1_cut", "u_m1_m0", "u_m0_m1", "d_util", "d_speed", "val_acc",
-           "test_acc", "test_acc0", "test_acc1", "best_epoch", "steps", "steps_this_call", "stop_reason",
-           "precision", "log_dir", "best_path")
-
-
-def device_name(device: torch.device) -> str:
-    """The device as people name it: "cpu (<processor>)" or "cuda:0 (NVIDIA H100 ...)"."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def model_factory(model: str) -> Optional[ModelFn]:
-    """The model factory a Study names: None for "" (the dataset's default), else the function at "module:function".
-
-    Args:
-        model: "" or "module:function" (e.g. "greedymm.model:mmtm_convnet"), a function num_classes -> model.
-    Returns:
-        The function, or None.
-    """
-    if not model:
-        return None
-    module, _, attr = model.partition(":")
-    try:
-        fn = importlib.import_module(module)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"model={model!r} cannot be loaded ({err}); give 'module:function' of an importable module"
-                         ) from None
-    if not callable(fn):
-        raise ValueError(f"model={model!r} is not a function (num_classes -> two-branch model)")
-    return fn
-
-
-def best_sparsity(spec: RunSpec, best_path: str, device: torch.device) -> float:
-    """rho of a run's best checkpoint: the fraction of its parameters with |theta| < tau (paper Sec. 6.3).
-
-    Args:
-        spec: the run (its data settings give the classes and input channels of its model).
-        best_path: the run's best.pt.
-        device: where to load it.
-    Returns:
-        rho in [0, 1].
-    """
-    data = spec.data_config()
-    loaders = build_loaders(data, device, spec.seed, progress=False)
-    channels = tuple(loaders.channels)
-    model = make_model(data, spec.algorithm, spec.seed, len(loaders.classes), channels, model_factory(spec.model))
-    model.load_state_dict(load_checkpoint(best_path, map_location="cpu")["model"])
-    return sparsity(model, spec.tau)
-
-
-def _failure(err: BaseException) -> dict:
-    return {"status": "failed", "error": f"{type(err).__name__}: {err}",
-            "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=8))}
-
-
-def failed_record(spec: RunSpec, err: BaseException, device: str = "", wall_s: float = math.nan) -> dict:
-    """The record of a run that could not even report (its worker died, a Ray task failed)."""
-    return {**spec.settings(), **_failure(err), "wall_s": wall_s, "device": device, "host": socket.gethostname()}
-
-
-def execute_run(spec: RunSpec, device: Optional[Union[str, torch.device]] = None,
-                threads: Optional[int] = None) -> dict:
-    """Train (or resume) one run of a study, measure its CUR and sparsity, and return its record.
-
-    Args:
-        spec: the run.
-        device: where to train; CUDA when available if None.
-        threads: torch CPU threads for this run (restored afterwards); None leaves them as they are.
-    Returns:
-        spec.settings() plus status ("ok" or "failed"), the figures (FIGURES, rho, train_time_s, epochs) or the
-        error and traceback, wall_s (this call), device and host.
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    start = time.perf_counter()
-    dev = torch.device(device) if device is not None else default_device()
-    record: Dict[str, Any] = spec.settings()
-    try:
-        out = run_one(spec.data_config(), spec.train_config(), spec.algorithm, spec.seed, dev, resume=True,
-                      model_fn=model_factory(spec.model), model_name=spec.model, progress=False)
-        if out["status"] != "ok":
-            record.update({k: out[k] for k in ("status", "error", "traceback")})
-        else:
-            record.update({k: out.get(k, math.nan) for k in FIGURES})
-            history = out.get("history") or []
-            record["epochs"] = len(history)
-            record["train_time_s"] = float(sum(e.get("time", 0.0) for e in history))
-            record["rho"] = best_sparsity(spec, out["best_path"], dev)
-            record["status"] = "ok"
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # recorded: the study goes on with its other runs
-        log.exception("run %s failed", spec.run_name)
-        record.update(_failure(err))
-    finally:
-        if threads is not None:
-            torch.set_num_threads(previous)
-    record.update({"wall_s": time.perf_counter() - start, "device": device_name(dev), "host": socket.gethostname()})
-    return record
 
 
 class LocalExecutor:

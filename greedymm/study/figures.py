@@ -10,13 +10,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..methods.base import Sweep, get_method, methods
 from .records import ok_records
 
 PAIR_COLORS = {"distinct": "tab:red", "identical": "tab:blue"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
+# Axis labels of the records' figures; the methods' swept settings add theirs (`labels`).
 LABELS = {"d_util": "$d_\\mathrm{util}$", "d_speed": "$d_\\mathrm{speed}$", "rho": "$\\rho$",
-          "acc": "test accuracy", "epsilon": "$\\varepsilon$", "window": "$W$", "l1": "$\\lambda$",
-          "ogm_alpha": "$\\alpha$", "gblend_period": "$n$"}
+          "acc": "test accuracy", "l1": "$\\lambda$"}
 
 
 def rank(values: Sequence[float]) -> np.ndarray:
@@ -200,11 +201,14 @@ def plot_regularization(records: Sequence[dict], tau: Optional[float] = None) ->
     return fig
 
 
-# The sensitivity figure's rows: (algorithm, swept setting, setting held fixed or None, what the setting is).
-SWEEPS = (("guided", "epsilon", "window", "imbalance tolerance"),
-          ("guided", "window", "epsilon", "re-balancing window"),
-          ("ogm_ge", "ogm_alpha", None, "OGM-GE modulation strength"),
-          ("gblend", "gblend_period", None, "Gradient Blending period, epochs"))
+def sweeps() -> List[Tuple[str, Sweep]]:
+    """The sensitivity figure's rows: (method, sweep) of every registered method's sweeps, in table order."""
+    return [(name, sweep) for name, method in methods().items() for sweep in method.sweeps]
+
+
+def labels() -> Dict[str, str]:
+    """LABELS and the symbols of the methods' swept settings (e.g. epsilon: "$\\varepsilon$")."""
+    return {**LABELS, **{sweep.setting: sweep.symbol for _, sweep in sweeps()}}
 
 
 def plot_sensitivity(records: Sequence[dict]) -> Figure:
@@ -220,11 +224,15 @@ def plot_sensitivity(records: Sequence[dict]) -> Figure:
         The figure, one row per sweep (guided's two always) and two columns (acc, d_util); each curve's line carries
         gid "<figure>:<x>:<dataset>:<pair>" (guided's rows add ":<other>=<value>").
     """
-    rows = [(alg, x_key, other, meaning) for alg, x_key, other, meaning in SWEEPS
-            if alg == "guided" or any(r.get("algorithm") == alg for r in ok_records(records, (x_key,)))]
+    label = labels()
+    short = {sweep.setting: sweep.short for _, sweep in sweeps()}
+    rows = [(alg, sweep) for alg, sweep in sweeps()  # the paper's methods' rows always (Fig. 9), the others' if run
+            if get_method(alg).paper_row or any(r.get("algorithm") == alg
+                                                for r in ok_records(records, (sweep.setting,)))]
     fig = Figure(figsize=(9.0, 3.3 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), 2, squeeze=False)
-    for row, (alg, x_key, other, meaning) in enumerate(rows):
+    for row, (alg, sweep) in enumerate(rows):
+        x_key, other, meaning = sweep.setting, sweep.hold, sweep.meaning
         ok = [r for r in ok_records(records, (x_key,) + ((other,) if other else ())) if r.get("algorithm") == alg]
         several = len({(r["dataset"], r["pair"]) for r in ok}) > 1
         groups: Dict[tuple, List[dict]] = {}
@@ -240,22 +248,22 @@ def plot_sensitivity(records: Sequence[dict]) -> Figure:
                 if not rs:
                     continue
                 xs, means, stds = _series(rs, x_key, key)
-                name = f"{'ε' if other == 'epsilon' else 'W'} = {value:g}" if other else alg
+                name = f"{short[other]} = {value:g}" if other else alg
                 bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=f"C{n}",
                                    label=f"{dataset}, {pair}, {name}" if several else name)
                 bars.lines[0].set_gid(f"{key}:{x_key}:{dataset}:{pair}" + (f":{other}={value:g}" if other else ""))
                 shown = True
             if shown:
-                if x_key == "epsilon":
-                    _log_x(ax, [r["epsilon"] for r in ok])
+                if sweep.log_x:
+                    _log_x(ax, [r[x_key] for r in ok])
                 ax.legend(fontsize=8)
             else:
                 _empty(ax, f"{key} ({alg})")
             if key == "d_util":
                 ax.axhline(0.0, color="gray", lw=0.8, ls=":")
-            ax.set_xlabel(f"{LABELS[x_key]} ({meaning})")
-            ax.set_ylabel(LABELS[key])
-            ax.set_title(f"{alg}: {LABELS[key]} against {LABELS[x_key]}")
+            ax.set_xlabel(f"{label[x_key]} ({meaning})")
+            ax.set_ylabel(label[key])
+            ax.set_title(f"{alg}: {label[key]} against {label[x_key]}")
     return fig
 
 

@@ -1,6 +1,6 @@
 """The paper's studies as grids of run settings (paper Sec. 6.2-6.3, Figs. 2, 4, 8, 9; SPEC Sec. 11): a Study is
-data (named axes), expanded into RunSpecs named by `greedymm.experiment.run_name`, so every run of a study is an
-ordinary run with its ordinary logs and checkpoints.
+data (named axes, and per-method settings swept only for the methods that declare them), expanded into RunSpecs named
+by `greedymm.config.run_name`, so every run of a study is an ordinary run with its ordinary logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -12,17 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..config import ALGORITHMS, DataConfig, TrainConfig, to_dict
-from ..experiment import run_name
+from ..config import DataConfig, TrainConfig, check_option_names, run_name, settings_names, to_dict
+from ..data.registry import get_dataset
+from ..methods.base import get_method, method_names, methods
 
 Pair = Union[str, Tuple[int, int]]
 PAIR_KINDS = ("distinct", "identical")
-# Identical modalities (SPEC Sec. 11): one modality twice, the same image with the same flip. Renders: the front
-# view (view 0) twice; digits: the gray digit (view 1) twice.
-IDENTICAL_VIEW = {"modelnet40": 0, "embedded": 0, "colored_mnist": 1, "colored_digits": 1}
-# The per-algorithm settings a grid sweeps: TrainConfig field -> Grid axis (each used by the algorithms that
-# TrainConfig.ALGORITHM_ONLY names for it).
-SWEPT = {"epsilon": "epsilons", "window": "windows", "ogm_alpha": "ogm_alphas", "gblend_period": "gblend_periods"}
 # The figures a study can ask for (greedymm.study.figures.FIGURES draws them).
 FIGURE_NAMES = ("pairs", "cls_cur", "regularization", "sensitivity")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -53,17 +48,14 @@ class Grid:
 
     datasets: Tuple[str, ...] = ("modelnet40",)  # DataConfig.dataset values
     pairs: Tuple[Pair, ...] = ("distinct",)  # "distinct" (the dataset's views), "identical", or explicit (v0, v1)
-    algorithms: Tuple[str, ...] = ("vanilla",)  # training algorithms (greedymm.config.ALGORITHMS)
+    algorithms: Tuple[str, ...] = ("vanilla",)  # training methods (`greedymm.methods.method_names()`)
     lrs: Tuple[Optional[float], ...] = (None,)  # learning rates; None = the dataset's preset
     seeds: Tuple[int, ...] = (0,)  # one run per seed
     l1s: Tuple[float, ...] = (0.0,)  # L1 strengths lambda (TrainConfig.l1)
-    epsilons: Tuple[Optional[float], ...] = (None,)  # guided's imbalance tolerance; None = the preset
-    windows: Tuple[Optional[int], ...] = (None,)  # guided's re-balancing window W; None = the preset
-    ogm_alphas: Tuple[Optional[float], ...] = (None,)  # ogm_ge's modulation strength alpha; None = the preset
-    gblend_periods: Tuple[Optional[int], ...] = (None,)  # gblend's re-estimation period n in epochs; None = preset
+    options: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)  # method settings swept, e.g. {"epsilon":
+    # (0.01, 0.1)}, each for the methods that declare it only (another's runs take their preset); None = the preset
 
-    AXES = ("datasets", "pairs", "algorithms", "lrs", "seeds", "l1s", "epsilons", "windows", "ogm_alphas",
-            "gblend_periods")
+    AXES = ("datasets", "pairs", "algorithms", "lrs", "seeds", "l1s")
 
     def __post_init__(self) -> None:
         for name in self.AXES:
@@ -73,9 +65,22 @@ class Grid:
             if len(value) == 0:
                 raise ValueError(f"Grid.{name} is empty: give at least one value (None takes the preset)")
             setattr(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
-        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
+        allowed = method_names()
+        unknown = [a for a in self.algorithms if a not in allowed]
         if unknown:
-            raise ValueError(f"Grid.algorithms has {unknown}; allowed: {', '.join(ALGORITHMS)}")
+            raise ValueError(f"Grid.algorithms has {unknown}; allowed: {', '.join(allowed)}")
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"Grid.options={self.options!r} must map method settings to lists of values, e.g. "
+                             "options={'epsilon': [0.01, 0.1]}")
+        check_option_names(self.options, "Grid.options")
+        options = {}
+        for key, value in self.options.items():
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"Grid.options[{key!r}]={value!r} must be a list of values, e.g. [...]")
+            if len(value) == 0:
+                raise ValueError(f"Grid.options[{key!r}] is empty: give at least one value (None takes the preset)")
+            options[key] = tuple(value)
+        self.options = options
 
 
 @dataclass
@@ -102,15 +107,23 @@ class Study:
         if self.model and not re.fullmatch(r"[\w.]+:[\w.]+", self.model):
             raise ValueError(f"study {self.name!r}: model={self.model!r} must be '' (the dataset's model) or "
                              "'module:function', a function num_classes -> two-branch model, e.g. "
-                             "'greedymm.model:mmtm_convnet'")
+                             "'greedymm.models.zoo:mmtm_convnet'")
         self.figures = tuple(self.figures)
         unknown = [f for f in self.figures if f not in FIGURE_NAMES]
         if unknown:
             raise ValueError(f"study {self.name!r}: figures {unknown} are unknown; allowed: {', '.join(FIGURE_NAMES)}")
-        for key in ("algorithm", "seed", "lr", "l1", "epsilon", "window", "run_name", "log_dir", "ckpt_dir"):
+        for key in ("algorithm", "seed", "lr", "l1", "run_name", "log_dir", "ckpt_dir"):
             if key in self.train:
                 raise ValueError(f"study {self.name!r}: train[{key!r}] is set by the grid or by run_study, not by "
                                  "the study's shared settings")
+        fields = [f.name for f in dataclasses.fields(TrainConfig)]
+        unknown = [k for k in self.train if k not in fields]
+        if unknown:
+            raise ValueError(f"study {self.name!r}: train has {unknown}, which are not TrainConfig fields (a method's "
+                             f"setting goes in train['options']); allowed: {', '.join(fields)}")
+        for key in set(self.train.get("options", {})) & set(swept_settings()):
+            raise ValueError(f"study {self.name!r}: train['options'][{key!r}] is set by the grid (Grid.options), not "
+                             "by the study's shared settings")
         for key in ("dataset", "views", "data_dir"):
             if key in self.data:
                 raise ValueError(f"study {self.name!r}: data[{key!r}] is set by the grid (datasets, pairs) or by "
@@ -142,15 +155,19 @@ class RunSpec:
     lr: float  # learning rate (resolved)
     seed: int  # seed of weights, data order and flips
     l1: float  # L1 strength lambda
-    epsilon: Optional[float]  # guided's tolerance (None for algorithms without one)
-    window: Optional[int]  # guided's W (None for algorithms without one)
-    ogm_alpha: Optional[float]  # ogm_ge's alpha (None for other algorithms)
-    gblend_period: Optional[int]  # gblend's n (None for other algorithms)
+    options: Dict[str, Any]  # every method's swept settings (`swept_settings`): this run's, None where it has none
     tau: float  # the study's sparsity threshold
     model: str  # "" (the dataset's model) or "module:function" (Study.model)
     data: Dict[str, Any]  # the full DataConfig as a dict
     train: Dict[str, Any]  # the full TrainConfig as a dict
-    run_name: str  # greedymm.experiment.run_name: logging/<run_name>/, checkpoints/<run_name>/
+    run_name: str  # greedymm.config.run_name: logging/<run_name>/, checkpoints/<run_name>/
+
+    def __getattr__(self, name: str) -> Any:
+        """A swept setting by name, as a field (spec.epsilon, spec.ogm_alpha, ...)."""
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(f"RunSpec has no attribute {name!r}")
 
     def data_config(self) -> DataConfig:
         """The run's DataConfig."""
@@ -172,8 +189,7 @@ class RunSpec:
         data, train = self.data_config(), self.train_config()
         return {"study": self.study, "key": self.key, "run_name": self.run_name, "dataset": self.dataset,
                 "pair": self.pair, "views": list(self.views), "model": self.model, "algorithm": self.algorithm,
-                "lr": self.lr, "seed": self.seed, "l1": self.l1, "epsilon": self.epsilon, "window": self.window,
-                "ogm_alpha": self.ogm_alpha, "gblend_period": self.gblend_period, "tau": self.tau,
+                "lr": self.lr, "seed": self.seed, "l1": self.l1, **self.options, "tau": self.tau,
                 "batch_size": data.batch_size, "image_size": data.image_size, "momentum": train.momentum,
                 "max_epochs": train.max_epochs, "max_steps": train.max_steps,
                 "data": data.identity(), "train": train.identity()}
@@ -187,16 +203,14 @@ def pair_views(dataset: str, pair: Pair, default_views: Tuple[int, int]) -> Tupl
         pair: "distinct", "identical", a (v0, v1) pair or the text "v0,v1".
         default_views: the dataset's views (m0, m1).
     Returns:
-        ("distinct", default_views), ("identical", (v, v)) with v = IDENTICAL_VIEW[dataset], or
-        ("views v0,v1", (v0, v1)).
+        ("distinct", default_views), ("identical", (v, v)) with v the dataset's `identical_view` (renders: the
+        front view; digits: the gray digit: the same image with the same flip, SPEC Sec. 11), or ("views v0,v1",
+        (v0, v1)).
     """
     if pair == "distinct":
         return "distinct", tuple(default_views)
     if pair == "identical":
-        if dataset not in IDENTICAL_VIEW:
-            raise ValueError(f"pair 'identical' has no view chosen for dataset={dataset!r}; pass explicit views, "
-                             f"e.g. (0, 0), or one of {', '.join(IDENTICAL_VIEW)}")
-        v = IDENTICAL_VIEW[dataset]
+        v = get_dataset(dataset).identical_view
         return "identical", (v, v)
     if isinstance(pair, str) and re.fullmatch(r"\s*\d+\s*,\s*\d+\s*", pair):
         pair = tuple(int(p) for p in pair.split(","))
@@ -206,13 +220,18 @@ def pair_views(dataset: str, pair: Pair, default_views: Tuple[int, int]) -> Tupl
                      "(0, 6) or '0,6'")
 
 
+def swept_settings() -> List[str]:
+    """The settings some registered method's sensitivity sweeps: every record carries them (None where unused)."""
+    return list(dict.fromkeys(s.setting for method in methods().values() for s in method.sweeps))
+
+
 def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[str, Path] = "checkpoints",
            data_dir: Optional[Union[str, Path]] = None) -> List[RunSpec]:
-    """The runs of a study, in grid order (datasets, pairs, algorithms, lrs, l1s, epsilons, windows, ogm_alphas,
-    gblend_periods, seeds).
+    """The runs of a study, in grid order (datasets, pairs, algorithms, lrs, l1s, the options in the order the
+    method's settings declare them, seeds).
 
-    Settings an algorithm does not use (epsilon and W outside guided, alpha outside ogm_ge, n outside gblend) are
-    not expanded for it, and a run that two grids share appears once.
+    A setting in Grid.options is expanded only for the methods that declare it (guided's epsilon and W, OGM-GE's
+    alpha, Gradient Blending's n), and a run that two grids share appears once.
 
     Args:
         study: the Study.
@@ -223,7 +242,7 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
     """
     paths = {"log_dir": str(Path(log_dir).absolute()), "ckpt_dir": str(Path(ckpt_dir).absolute())}
     data_extra = {"data_dir": str(Path(data_dir).absolute())} if data_dir is not None else {}
-    algorithm_only = TrainConfig.ALGORITHM_ONLY
+    recorded = swept_settings()
     specs: Dict[str, RunSpec] = {}
     for grid in study.grids:
         for dataset, pair, algorithm in itertools.product(grid.datasets, grid.pairs, grid.algorithms):
@@ -234,21 +253,21 @@ def expand(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Union[
             except ValueError as err:
                 raise ValueError(f"study {study.name!r}, dataset {dataset!r}, pair {pair!r}: {err}") from None
             preset = TrainConfig.for_dataset(dataset, **study.train)
-            uses = {field: algorithm in algorithm_only[field] for field in SWEPT}
-            # an axis the algorithm does not use collapses to its preset: (None,)
-            axes = [getattr(grid, axis) if uses[field] else (None,) for field, axis in SWEPT.items()]
-            for lr, l1, *swept, seed in itertools.product(grid.lrs, grid.l1s, *axes, grid.seeds):
-                chosen = {k: v for k, v in zip(("lr", *SWEPT), (lr, *swept)) if v is not None}
+            declared = settings_names(get_method(algorithm))
+            swept = [k for k in declared if k in grid.options]  # another method's settings: its preset, unexpanded
+            for lr, l1, *values, seed in itertools.product(grid.lrs, grid.l1s, *(grid.options[k] for k in swept),
+                                                           grid.seeds):
+                chosen = {k: v for k, v in zip(swept, values) if v is not None}
                 try:
-                    train = dataclasses.replace(preset, algorithm=algorithm, seed=int(seed), l1=float(l1), **chosen,
-                                                **paths)
+                    train = dataclasses.replace(preset, algorithm=algorithm, seed=int(seed), l1=float(l1),
+                                                options={**preset.options, **chosen},
+                                                **({"lr": lr} if lr is not None else {}), **paths)
                 except ValueError as err:
                     raise ValueError(f"study {study.name!r}: {err}") from None
-                name = run_name(data, train, algorithm, int(seed), study.model)
+                name = run_name(data, train, study.model)
                 train = dataclasses.replace(train, run_name=name, progress=False)
-                own = {field: getattr(train, field) if uses[field] else None for field in SWEPT}
-                spec = RunSpec(study.name, dataset, label, views, algorithm, train.lr, int(seed), train.l1,
-                               own["epsilon"], own["window"], own["ogm_alpha"], own["gblend_period"], study.tau,
-                               study.model, to_dict(data), to_dict(train), name)
+                own = {k: train.option(k) if k in declared else None for k in recorded}
+                spec = RunSpec(study.name, dataset, label, views, algorithm, train.lr, int(seed), train.l1, own,
+                               study.tau, study.model, to_dict(data), to_dict(train), name)
                 specs.setdefault(spec.key, spec)
     return list(specs.values())

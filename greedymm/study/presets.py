@@ -3,31 +3,27 @@ defaults) and presets for the colored digits. Where the paper's extracted text l
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
+from ..config import TrainConfig
+from ..data.registry import get_dataset
+from ..methods.base import methods
 from .grid import PAIR_KINDS, Grid, Study, log_space
 
-DIGITS = ("colored_mnist", "colored_digits")
-
+# The grids come by dataset family (a dataset spec's `family`): "renders" (ModelNet40 and the embedded stand-in) and
+# "digits" (colored MNIST and the scikit-learn digits).
 # Learning rates of the greedy-learner study (Sec. 6.2). ModelNet40: 9 log-spaced values; the paper's interval was
 # lost in extraction, 1e-3..1 is ours. Colored MNIST: 20 values (the paper samples them at random on a log scale;
 # we space them evenly) over our interval 1e-3..1e-1 around its preset 0.01.
-GREEDY_LRS = {"modelnet40": log_space(1e-3, 1.0, 9), "digits": log_space(1e-3, 1e-1, 20)}
-GREEDY_SEEDS = {"modelnet40": (0, 1, 2), "digits": (0, 1, 2, 3)}
+GREEDY_LRS = {"renders": log_space(1e-3, 1.0, 9), "digits": log_space(1e-3, 1e-1, 20)}
+GREEDY_SEEDS = {"renders": (0, 1, 2), "digits": (0, 1, 2, 3)}
 # L1 strengths of the regularization study (Sec. 6.3): ten log-spaced values; the interval 1e-6..1e-3 is ours
 # (at 1e-6 the penalty barely moves ResNet18's 22M weights in 300 epochs of lr 0.1; at 1e-3 it zeroes most).
 REGULARIZATION_L1S = log_space(1e-6, 1e-3, 10)
 # Sparsity threshold tau: rho = share of parameters with |theta| < tau (the paper's value was lost; ours).
 TAU = 1e-3
-# Sensitivity of guided training (Fig. 9): epsilon swept at the preset W, W swept at the preset epsilon (ours).
-SENSITIVITY_EPSILONS = {"modelnet40": (0.001, 0.003, 0.01, 0.03, 0.1), "digits": (0.01, 0.03, 0.1, 0.3, 1.0)}
-SENSITIVITY_WINDOWS = (1, 2, 5, 10, 20)
-PRESET_EPSILON = {"modelnet40": 0.01, "digits": 0.1}  # SPEC Sec. 6 and 10
-PRESET_WINDOW = 5
-# The balancers' analogues (SPEC Sec. 12; not in the paper): OGM-GE's alpha over the range its authors' code uses
-# (0.1-0.8 by dataset), Gradient Blending's re-estimation period n in epochs (ours).
-SENSITIVITY_ALPHAS = (0.1, 0.3, 0.5, 0.8)
-SENSITIVITY_PERIODS = (1, 3, 5, 10)
+# The sensitivity study's grids are the methods' own (`Method.sweeps`): guided's epsilon and W (Fig. 9), OGM-GE's alpha
+# and Gradient Blending's n (SPEC Sec. 12; not in the paper).
 
 EXPECTATIONS = {
     "greedy_learner": "Identical pairs give d_util distributed symmetrically around 0 (mean ≈ 0); distinct pairs "
@@ -40,10 +36,6 @@ EXPECTATIONS = {
                    "paper states no trend in its text, and uses epsilon = 0.01, W = 5 on ModelNet40. The balancers' "
                    "alpha (OGM-GE) and n (Gradient Blending) are not in the paper.",
 }
-
-
-def _family(dataset: str) -> str:
-    return "digits" if dataset in DIGITS else "modelnet40"
 
 
 def greedy_learner(dataset: str = "modelnet40", lrs: Optional[Sequence[float]] = None,
@@ -60,7 +52,7 @@ def greedy_learner(dataset: str = "modelnet40", lrs: Optional[Sequence[float]] =
     Returns:
         The Study, drawing the "pairs" and "cls_cur" figures.
     """
-    family = _family(dataset)
+    family = get_dataset(dataset).family
     grid = Grid(datasets=(dataset,), pairs=tuple(pairs), algorithms=("vanilla",),
                 lrs=tuple(lrs if lrs is not None else GREEDY_LRS[family]),
                 seeds=tuple(seeds if seeds is not None else GREEDY_SEEDS[family]))
@@ -97,40 +89,39 @@ def regularization(dataset: str = "modelnet40", l1s: Optional[Sequence[float]] =
                  expectation=EXPECTATIONS["regularization"], **{"tau": TAU, **shared})
 
 
-def sensitivity(dataset: str = "modelnet40", epsilons: Optional[Sequence[float]] = None,
-                windows: Optional[Sequence[int]] = None, seeds: Sequence[int] = (0, 1, 2),
-                epsilon: Optional[float] = None, window: Optional[int] = None,
-                alphas: Optional[Sequence[float]] = None, periods: Optional[Sequence[int]] = None,
+def sensitivity(dataset: str = "modelnet40", sweeps: Optional[Mapping[str, Optional[Sequence[Any]]]] = None,
+                seeds: Sequence[int] = (0, 1, 2), held: Optional[Mapping[str, Any]] = None,
                 name: Optional[str] = None, **shared: Any) -> Study:
-    """The sensitivity study (Fig. 9): guided over epsilon at a fixed W, and over W at a fixed epsilon; and the
-    balancers' analogues (SPEC Sec. 12): OGM-GE over alpha, Gradient Blending over its period n.
+    """The sensitivity study (Fig. 9) of every registered method's `sweeps`: guided over epsilon at a fixed W and
+    over W at a fixed epsilon; the balancers' analogues (SPEC Sec. 12): OGM-GE over alpha, Gradient Blending over n.
 
     Args:
         dataset: DataConfig.dataset.
-        epsilons, windows: guided's two sweeps (None: SENSITIVITY_EPSILONS, SENSITIVITY_WINDOWS).
+        sweeps: setting -> values replacing a method's default grid (None: the default; an empty list drops a sweep
+            of its own, e.g. {"ogm_alpha": []} runs no OGM-GE).
         seeds: the seeds.
-        epsilon, window: the value each sweep holds fixed (None: the dataset's preset, SPEC Sec. 6 and 10).
-        alphas: OGM-GE's sweep (None: SENSITIVITY_ALPHAS; empty: no OGM-GE runs).
-        periods: Gradient Blending's sweep (None: SENSITIVITY_PERIODS; empty: no Gradient Blending runs).
+        held: setting -> the value a paired sweep holds fixed (None: the dataset's preset, SPEC Sec. 6 and 10).
         name: the study's name (default "sensitivity_<dataset>").
         shared: further Study fields (data, train, tau).
     Returns:
-        The Study (two to four grids), drawing the "sensitivity" figure.
+        The Study (one grid per sweep), drawing the "sensitivity" figure.
     """
-    family = _family(dataset)
-    epsilon = epsilon if epsilon is not None else PRESET_EPSILON[family]
-    window = window if window is not None else PRESET_WINDOW
-    alphas = tuple(alphas if alphas is not None else SENSITIVITY_ALPHAS)
-    periods = tuple(periods if periods is not None else SENSITIVITY_PERIODS)
+    family = get_dataset(dataset).family
+    preset = TrainConfig.for_dataset(dataset)
+    sweeps, held = dict(sweeps or {}), dict(held or {})
     common = dict(datasets=(dataset,), seeds=tuple(seeds))
-    grids = [Grid(algorithms=("guided",), epsilons=tuple(epsilons if epsilons is not None else
-                                                         SENSITIVITY_EPSILONS[family]), windows=(window,), **common),
-             Grid(algorithms=("guided",), epsilons=(epsilon,),
-                  windows=tuple(windows if windows is not None else SENSITIVITY_WINDOWS), **common)]
-    if alphas:
-        grids.append(Grid(algorithms=("ogm_ge",), ogm_alphas=alphas, **common))
-    if periods:
-        grids.append(Grid(algorithms=("gblend",), gblend_periods=periods, **common))
+    grids = []
+    for method_name, method in methods().items():
+        for sweep in method.sweeps:
+            given = sweeps.get(sweep.setting)
+            values = tuple(given) if given is not None else sweep.grid(family)
+            options = {sweep.setting: values}
+            if sweep.hold is not None:  # a pair of sweeps: the other setting at its preset
+                options[sweep.hold] = (held[sweep.hold] if held.get(sweep.hold) is not None
+                                       else preset.option(sweep.hold),)
+            elif not values:
+                continue
+            grids.append(Grid(algorithms=(method_name,), options=options, **common))
     return Study(name or f"sensitivity_{dataset}", tuple(grids), figures=("sensitivity",),
                  expectation=EXPECTATIONS["sensitivity"], **{"tau": TAU, **shared})
 

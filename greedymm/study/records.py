@@ -1,19 +1,31 @@
-"""A study's results file, logging/studies/<study>/runs.jsonl (SPEC Sec. 11): one JSON line per finished run,
-appended whole by the one process that runs the study; a torn last line (a crash mid-write) is skipped when read
-and cut off before the next append.
+"""A study's records (SPEC Sec. 11): what one run records (`execute_run`: train or resume, CUR, sparsity; a failure is
+a record too), and logging/studies/<study>/runs.jsonl, one JSON line per finished run appended whole by the process
+that runs the study (a torn last line is skipped when read and cut off before the next append).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+
+from ..experiment.runs import Run, error_fields
+from ..io import append_jsonl, read_jsonl
+from ..models.zoo import model_factory
+from ..runtime import default_device, device_name
+from .grid import RunSpec
 
 log = logging.getLogger(__name__)
 
 RUNS_FILE = "runs.jsonl"
+# What a record keeps of a run's measured record (the history and the paths of the run stay in its own folder).
+RECORD_FIELDS = ("acc", "acc0", "acc1", "acc0_cut", "acc1_cut", "u_m1_m0", "u_m0_m1", "d_util", "d_speed", "val_acc",
+                 "test_acc", "test_acc0", "test_acc1", "best_epoch", "steps", "steps_this_call", "stop_reason",
+                 "precision", "log_dir", "best_path")
 
 
 def study_dir(log_dir: Union[str, Path], name: str) -> Path:
@@ -21,71 +33,64 @@ def study_dir(log_dir: Union[str, Path], name: str) -> Path:
     return Path(log_dir) / "studies" / name
 
 
-def _clean(value: Any) -> Any:
-    """JSON-ready values: tuples become lists, paths text; NaN stays NaN (json writes and reads it)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def append_record(path: Union[str, Path], record: dict) -> None:
-    """Append one record as one whole line, flushed and synced; a torn last line left by a crash is cut off first.
+    """Append one record to a runs.jsonl as one whole line, flushed and synced (see `greedymm.io.append_jsonl`).
 
     Only one process may append to a file at a time (the study's runner: workers send their records back to it).
-
-    Args:
-        path: the runs.jsonl file (created with its folder if missing).
-        record: a JSON-ready dict (tuples and paths are converted).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(_clean(record), sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line: cut it off, after the last whole line
-            tail = min(size, 1 << 20)
-            while True:
-                chunk = os.pread(fd, tail, size - tail)
-                cut = chunk.rfind(b"\n")
-                if cut >= 0 or tail == size:
-                    break
-                tail = min(size, tail * 2)
-            keep = size - tail + cut + 1 if cut >= 0 else 0
-            log.warning("%s ended in a torn line (%d bytes): cut off before appending", path, size - keep)
-            os.ftruncate(fd, keep)
-        os.write(fd, line)  # O_APPEND: one write of the whole line at the end
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_jsonl(path, record)
 
 
 def read_records(path: Union[str, Path]) -> List[dict]:
-    """The records of a runs.jsonl in file order; a missing file gives [], a torn or unreadable line is skipped.
+    """The records of a runs.jsonl in file order; a missing file gives [], a torn or unreadable line is skipped."""
+    return read_jsonl(path, missing_ok=True)
+
+
+def failed_record(spec: RunSpec, err: BaseException, device: str = "", wall_s: float = math.nan) -> dict:
+    """The record of a run that could not even report (its worker died, a Ray task failed)."""
+    return {**spec.settings(), **error_fields(err), "wall_s": wall_s, "device": device, "host": socket.gethostname()}
+
+
+def execute_run(spec: RunSpec, device: Optional[Union[str, torch.device]] = None,
+                threads: Optional[int] = None) -> dict:
+    """Train (or resume) one run of a study, measure its CUR and sparsity, and return its record.
 
     Args:
-        path: the runs.jsonl file.
+        spec: the run.
+        device: where to train; CUDA when available if None.
+        threads: torch CPU threads for this run (restored afterwards); None leaves them as they are.
     Returns:
-        The records (dicts).
+        spec.settings() plus status ("ok" or "failed"), the figures (RECORD_FIELDS, rho, train_time_s, epochs) or
+        the error and traceback, wall_s (this call), device and host.
     """
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                log.warning("%s line %d is not a whole JSON record (a torn write?): skipped", path, number)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    start = time.perf_counter()
+    dev = torch.device(device) if device is not None else default_device()
+    record: Dict[str, Any] = spec.settings()
+    try:
+        run = Run(spec.data_config(), spec.train_config(), model_factory(spec.model), spec.model, dev, progress=False)
+        trained, out = run.measure(resume=True)
+        if out["status"] != "ok":
+            record.update({k: out[k] for k in ("status", "error", "traceback")})
+        else:
+            record.update({k: out.get(k, math.nan) for k in RECORD_FIELDS})
+            history = trained.get("history") or []
+            record["epochs"] = len(history)
+            record["train_time_s"] = float(sum(e.get("time", 0.0) for e in history))
+            record["rho"] = run.sparsity(out["best_path"], spec.tau)
+            record["status"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # recorded: the study goes on with its other runs
+        log.exception("run %s failed", spec.run_name)
+        record.update(error_fields(err))
+    finally:
+        if threads is not None:
+            torch.set_num_threads(previous)
+    record.update({"wall_s": time.perf_counter() - start, "device": device_name(dev), "host": socket.gethostname()})
+    return record
 
 
 def latest(records: Iterable[dict], field: str = "key") -> Dict[str, dict]:

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
-from ..config import save_json
-from ..data import prepare_data
+from ..data.loader import prepare_data
+from ..io import save_figure, save_json, write_text
 from .executors import Executor, RayExecutor, executor_of
-from .figures import study_figures
-from .grid import RunSpec, Study, expand
+from .figures import study_figures, summary_table
+from .grid import RunSpec, Study, expand, swept_settings
 from .records import RUNS_FILE, append_record, finished_keys, latest, read_records, study_dir
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,6 @@ def study_records(specs: Sequence[RunSpec], records: Sequence[dict]) -> List[dic
     """The latest record of each run in `specs`, in their order (runs without a record are left out)."""
     by_key = latest(records)
     return [by_key[s.key] for s in specs if s.key in by_key]
-
-
-def save_figure(fig: Figure, path: Union[str, Path], dpi: int = 110) -> Path:
-    """Write a figure as PNG atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
 
 
 def _prepare(specs: Sequence[RunSpec]) -> None:
@@ -126,3 +115,40 @@ def load_study(study: Study, log_dir: Union[str, Path] = "logging", ckpt_dir: Un
     records = study_records(specs, read_records(path))
     skipped = sum(r.get("status") == "ok" for r in records)
     return StudyResult(study, records, 0, skipped, path, study_figures(study.figures, records))
+
+
+def record_line(record: dict) -> str:
+    """One line about a study's run as it finishes (the studies notebook prints it)."""
+    if record["status"] != "ok":
+        return f"{record['run_name']}: FAILED {record['error']}"
+    return (f"{record['run_name']}: {record['pair']}, lr {record['lr']:g}, lambda {record['l1']:g}: "
+            f"acc {record['acc']:.3f}, d_util {record['d_util']:+.3f}, d_speed {record['d_speed']:+.3f}, "
+            f"rho {record['rho']:.3f} ({record['steps_this_call']} steps now, {record['wall_s']:.0f} s)")
+
+
+def result_line(result: StudyResult, wall_s: float, executor: str) -> str:
+    """One line about a study that ran: its runs recorded, run now, finished before, failed; its time."""
+    return (f"{result.study.name}: {len(result.records)} runs recorded, {result.ran} run now, {result.skipped} "
+            f"already finished, {len(result.failed)} failed; {wall_s:.0f} s with the {executor} executor")
+
+
+def study_table(key: str, records: Sequence[dict]) -> str:
+    """The table the studies notebook shows under a study of its plan ("greedy_learner", "regularization",
+    "sensitivity"): the figures' numbers by pair kind, by lambda, or by method and swept setting."""
+    by, keys = {"greedy_learner": (("dataset", "pair"), ("d_util", "d_speed", "acc")),
+                "regularization": (("l1",), ("rho", "d_util", "d_speed", "acc"))}.get(
+        key, (("algorithm", *swept_settings()), ("acc", "d_util")))
+    return summary_table(records, by, keys)
+
+
+def result_summary(result: StudyResult, wall_s: float) -> dict:
+    """What summary.json keeps of a study's result: its counts, time, files and figures."""
+    return {"study": result.study.name, "runs": len(result.records), "ran": result.ran, "skipped": result.skipped,
+            "failed": len(result.failed), "wall_s": wall_s, "runs_jsonl": str(result.path),
+            "figures": {k: str(p) for k, p in result.figure_paths.items()}}
+
+
+def write_summary(log_dir: Union[str, Path], dataset: str, executor: str, results: Dict[str, dict]) -> Path:
+    """Write log_dir/studies/summary.json: the dataset, the executor and each study's `result_summary`."""
+    summary = {"dataset": dataset, "executor": executor, "studies": results}
+    return write_text(json.dumps(summary, indent=2), Path(log_dir) / "studies" / "summary.json")

@@ -1,50 +1,29 @@
-"""The baselines of the paper's Table 1 (paper Sec. 6.4; SPEC Sec. 9): the uni-modal network with squeeze-and-
-excitation blocks, trained on m0 or on m1, and RUBi (Cadene et al. 2019) in our documented two-modality adaptation.
-Both plug into the same trainer as the paper's algorithms (`greedymm.balance.Algorithm`).
+"""RUBi (Cadene et al. 2019) adapted to two modalities (paper Table 1; SPEC Sec. 9): a bias-only classifier on the
+bias modality's detached features masks both branches' logits in the loss; our documented adaptation.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .balance import Algorithm, Outputs
-from .mmtm import FusionMode
-from .model import final_linear
+from ..measures.evaluate import Outputs
+from ..models.two_branch import final_linear
+from .base import Method, MethodSettings, StepContext, register
 
 
-class UniModal(Algorithm):
-    """Trains a uni-modal network (`greedymm.model.UniModalNet`) on its own modality with CE on its output.
+@dataclass
+class RUBiSettings(MethodSettings):
+    """RUBi's setting."""
 
-    No CLS and no CUR apply (one modality); every step is a regular step.
+    rubi_bias: str = "m0"  # the bias modality whose branch feeds the bias-only classifier ("m0" or "m1")
 
-    Args:
-        modality: 0 (m0) or 1 (m1): the input the network reads.
-    """
-
-    multimodal = False
-
-    def __init__(self, modality: int) -> None:
-        super().__init__()
-        if modality not in (0, 1):
-            raise ValueError(f"modality={modality} must be 0 (m0) or 1 (m1)")
-        self.modality = modality
-        self.name = f"unimodal_m{modality}"
-
-    def setup(self, model: nn.Module) -> None:
-        if getattr(model, "modality", None) != self.modality or hasattr(model, "cls_groups"):
-            raise TypeError(f"algorithm {self.name!r} trains a UniModalNet of modality {self.modality} "
-                            f"(UniModalNet.from_two_branch(model, {self.modality})); got {type(model).__name__}"
-                            f" with modality {getattr(model, 'modality', None)}")
-        return None
-
-    def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, mode: FusionMode) -> Outputs:
-        return {"y": model(x1 if self.modality == 1 else x0)}  # (B, K)
-
-    def loss(self, out: Outputs, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        return F.cross_entropy(out["y"].float(), y), {}
+    def validate(self) -> None:
+        if self.rubi_bias not in ("m0", "m1"):
+            raise ValueError(f"rubi_bias={self.rubi_bias!r} is unknown; allowed: 'm0', 'm1'")
 
 
 class RUBiHeads(nn.Module):
@@ -69,7 +48,8 @@ class RUBiHeads(nn.Module):
         return c1, self.c2(c1)
 
 
-class RUBi(Algorithm):
+@register
+class RUBi(Method):
     """RUBi adapted to two modalities (SPEC Sec. 9; the paper gives no details, this adaptation is ours).
 
     A bias modality b (m0 by default) feeds its branch's pooled final features e_b, detached so that no gradient
@@ -80,16 +60,20 @@ class RUBi(Algorithm):
     (fused) steps only. The logged loss0/loss1 are the masked terms the optimizer sees; loss_bias is the third.
 
     Args:
-        bias: the bias modality, 0 (m0) or 1 (m1).
+        settings: RUBiSettings (rubi_bias: the bias modality, "m0" or "m1").
+        seed: unused.
     """
 
     name = "rubi"
+    label = "RUBi"
+    color = "tab:brown"
+    paper_row = True
+    order = 3
+    Settings = RUBiSettings
 
-    def __init__(self, bias: int = 0) -> None:
-        super().__init__()
-        if bias not in (0, 1):
-            raise ValueError(f"bias={bias} must be 0 (m0) or 1 (m1)")
-        self.bias = bias
+    def __init__(self, settings: Optional[MethodSettings] = None, seed: int = 0) -> None:
+        super().__init__(settings, seed)
+        self.bias = int(self.settings.rubi_bias[-1])  # 0 (m0) or 1 (m1)
         self.heads: nn.Module = nn.Identity()
 
     def setup(self, model: nn.Module) -> nn.Module:
@@ -98,12 +82,12 @@ class RUBi(Algorithm):
         self.heads = RUBiHeads(head.in_features, head.out_features)
         return self.heads
 
-    def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, mode: FusionMode) -> Outputs:
-        y0_hat, y1_hat, features = model(x0, x1, mode, return_features=True)
+    def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, ctx: StepContext) -> Outputs:
+        y0_hat, y1_hat, features = model(x0, x1, ctx.mode, return_features=True)
         c1, c2 = self.heads(features[self.bias].detach())  # stop-gradient: the bias path never trains the branch
         return {"y0": y0_hat, "y1": y1_hat, "c1": c1, "c2": c2}
 
-    def loss(self, out: Outputs, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def loss(self, out: Outputs, y: torch.Tensor, ctx: StepContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         mask = torch.sigmoid(out["c1"].float())  # (B, K)
         loss0 = F.cross_entropy(out["y0"].float() * mask, y)
         loss1 = F.cross_entropy(out["y1"].float() * mask, y)

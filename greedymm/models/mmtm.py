@@ -47,7 +47,7 @@ class MMTM(nn.Module):
     Buffers: `scale_sum_a` (C_A), `scale_sum_b` (C_B) and `scale_count` give the running means a-bar, b-bar of the
     scales over all samples of regular training steps; `squeeze_mean_a` (C_A) / `squeeze_mean_b` (C_B) are the
     means of the squeeze vectors over D_train used by the cut mode (set by
-    `greedymm.utilization.compute_squeeze_means`).
+    `greedymm.measures.cur.compute_squeeze_means`).
 
     Args:
         channels_a: C_A, channels of branch 0's features.
@@ -123,7 +123,7 @@ class MMTM(nn.Module):
         if mode is FusionMode.CUT:
             if not self._has_squeeze_means:
                 raise RuntimeError("cut mode needs the squeeze means over D_train: call "
-                                   "greedymm.utilization.compute_squeeze_means(model, train_loader) first")
+                                   "greedymm.measures.cur.compute_squeeze_means(model, train_loader) first")
             mean_a = self.squeeze_mean_a.to(s_a.dtype).expand_as(s_a)  # (B, C_A)
             mean_b = self.squeeze_mean_b.to(s_b.dtype).expand_as(s_b)  # (B, C_B)
             # Branch 0 sees m1 only through its mean squeeze, branch 1 sees m0 only through its mean.

@@ -1,103 +1,18 @@
-"""The two-branch multi-modal network with MMTM fusion (paper Sec. 3.1, 5.2 and 6.1; SPEC Sec. 2, 9 and 10): two
-branches of named stages (ResNet18, a small CNN, the four-layer digit CNN or any user's) joined by MMTMs, the
-parameter groups of the CLS, and the uni-modal network with SE blocks in place of the MMTMs.
+"""The two-branch multi-modal network with MMTM fusion (paper Sec. 3.1, 5.2; SPEC Sec. 2 and 9): two branches of
+named stages (the zoo's or any user's) joined by MMTMs, the parameter groups of the CLS, and the uni-modal network
+with SE blocks in place of the MMTMs.
 """
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 
 from .mmtm import MMTM, FusionMode, SqueezeExcite
 
-RESNET_FUSION_STAGES = ("layer2", "layer3", "layer4")
-DIGIT_FUSION_STAGES = ("stage2", "stage3", "stage4")
-# Channels of the four conv layers of each digit branch (SPEC Sec. 10); see `digit_branch` for the choice.
-DIGIT_WIDTHS = (16, 32, 64, 64)
-
-Features = Tuple[torch.Tensor, torch.Tensor]
-
-
-def resnet18_branch(num_classes: int = 40, in_channels: int = 3) -> nn.Sequential:
-    """A randomly initialised torchvision ResNet18 as a sequence of named stages.
-
-    Args:
-        num_classes: outputs of the final linear layer.
-        in_channels: input channels (3 for the RGB-normalised renders).
-    Returns:
-        nn.Sequential with stages stem, layer1..layer4, head (pool, flatten, linear).
-    """
-    net = resnet18(weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return nn.Sequential(OrderedDict(
-        stem=nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
-        layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4,
-        head=nn.Sequential(net.avgpool, nn.Flatten(1), net.fc),
-    ))
-
-
-def _conv_stage(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
-    """conv3x3-BN-ReLU, then a 2x2 max pool if `pool`."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True), nn.MaxPool2d(2) if pool else nn.Identity())
-
-
-def _pool_head(channels: int, num_classes: int) -> nn.Sequential:
-    """Global average pool, flatten, linear: (B, C, H, W) -> (B, K)."""
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes))
-
-
-def conv_branch(num_classes: int, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64)) -> nn.Sequential:
-    """A small CNN branch (conv-BN-ReLU-pool stages `stage1`..`stageK`, then `head`), for quick runs and custom data.
-
-    Args:
-        num_classes: outputs of the final linear layer.
-        in_channels: input channels.
-        widths: output channels of each stage (every stage but the last halves the resolution).
-    Returns:
-        nn.Sequential with stages stage1..stageK and head.
-    """
-    stages: "OrderedDict[str, nn.Module]" = OrderedDict()
-    prev = in_channels
-    for i, w in enumerate(widths, start=1):
-        stages[f"stage{i}"] = _conv_stage(prev, w, pool=i < len(widths))
-        prev = w
-    stages["head"] = _pool_head(prev, num_classes)
-    return nn.Sequential(stages)
-
-
-def digit_branch(num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = DIGIT_WIDTHS) -> nn.Sequential:
-    """The four-layer CNN branch of Colored-and-gray MNIST (SPEC Sec. 10), for 28x28 digits.
-
-    Stages stage1..stage4 are conv3x3-BN-ReLU; stage1 and stage2 end in a 2x2 max pool (28 -> 14 -> 7), stage3 and
-    stage4 keep 7x7 (one more pool would drop a row and column of the 7x7 map); then `head`: global average pool,
-    flatten, linear. The default widths (16, 32, 64, 64) take about 0.3 s per training step of the two-branch model
-    at batch 128 on one CPU thread (bench/bench_model.py): seconds per epoch of the scikit-learn stand-in, a couple
-    of minutes per MNIST epoch on a CPU, and milliseconds per step on a GPU. Half these widths is 3x faster but
-    learns the small stand-in much more slowly at the paper's lr 0.01; double is 2.6x slower.
-
-    Args:
-        num_classes: outputs of the final linear layer.
-        in_channels: input channels (3 for the colored digit, 1 for the gray one).
-        widths: channels of the four conv layers.
-    Returns:
-        nn.Sequential with stages stage1..stage4 and head.
-    """
-    widths = [int(w) for w in widths]
-    if len(widths) != 4 or min(widths) < 1:
-        raise ValueError(f"widths={tuple(widths)} must give the channels of exactly four conv layers, each >= 1")
-    stages: "OrderedDict[str, nn.Module]" = OrderedDict()
-    prev = in_channels
-    for i, w in enumerate(widths, start=1):
-        stages[f"stage{i}"] = _conv_stage(prev, w, pool=i <= 2)
-        prev = w
-    stages["head"] = _pool_head(prev, num_classes)
-    return nn.Sequential(stages)
+Features = Tuple[torch.Tensor, torch.Tensor]  # the pooled features (e0, e1) entering the branches' final layers
 
 
 def _stage_channels(stage: nn.Module) -> Optional[int]:
@@ -316,57 +231,3 @@ class UniModalNet(nn.Module):
             if name in self.se:
                 x = self.se[name](x)
         return x
-
-
-def mmtm_resnet18(num_classes: int = 40, in_channels: int = 3,
-                  fusion_stages: Sequence[str] = RESNET_FUSION_STAGES) -> TwoBranchNet:
-    """The paper's ModelNet40 model: two ResNet18 branches with MMTM after layer2, layer3, layer4.
-
-    Args:
-        num_classes: classes of both branches' final layers.
-        in_channels: input channels of each view.
-        fusion_stages: stages followed by an MMTM.
-    Returns:
-        A TwoBranchNet.
-    """
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes} must be at least 2")
-    return TwoBranchNet(resnet18_branch(num_classes, in_channels), resnet18_branch(num_classes, in_channels),
-                        fusion_stages)
-
-
-def mmtm_convnet(num_classes: int, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64),
-                 fusion_stages: Optional[Sequence[str]] = None) -> TwoBranchNet:
-    """A small two-branch CNN with MMTM after every stage (for tests and custom two-modality data).
-
-    Args:
-        num_classes: classes of both heads.
-        in_channels: input channels of each modality.
-        widths: channels of each conv stage.
-        fusion_stages: stages followed by an MMTM; all conv stages if None.
-    Returns:
-        A TwoBranchNet.
-    """
-    fusion_stages = fusion_stages or [f"stage{i}" for i in range(1, len(widths) + 1)]
-    return TwoBranchNet(conv_branch(num_classes, in_channels, widths), conv_branch(num_classes, in_channels, widths),
-                        fusion_stages)
-
-
-def mmtm_digits(num_classes: int = 10, channels: Tuple[int, int] = (3, 1),
-                widths: Sequence[int] = DIGIT_WIDTHS) -> TwoBranchNet:
-    """The Colored-and-gray MNIST model (SPEC Sec. 10): two four-layer conv branches (`digit_branch`), m0 reading
-    the colored digit (3 channels), m1 the gray one (1 channel), an MMTM after each of the last three conv layers.
-
-    Args:
-        num_classes: classes of both heads.
-        channels: input channels of m0 and m1.
-        widths: channels of the four conv layers of each branch.
-    Returns:
-        A TwoBranchNet.
-    """
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes} must be at least 2")
-    if len(channels) != 2 or min(channels) < 1:
-        raise ValueError(f"channels={tuple(channels)} must give the input channels of m0 and m1, each >= 1")
-    return TwoBranchNet(digit_branch(num_classes, channels[0], widths), digit_branch(num_classes, channels[1], widths),
-                        DIGIT_FUSION_STAGES)

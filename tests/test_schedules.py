@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from greedymm.balance import CLSTracker, GuidedSchedule, RandomSchedule, Schedule, make_schedule
-from greedymm.mmtm import FusionMode
+from greedymm.measures import CLSTracker
+from greedymm.methods import Method, RebalancingSettings, StepContext, make_method
+from greedymm.methods.guided import Guided, GuidedSettings
+from greedymm.methods.random import Random
+from greedymm.models import FusionMode
 
 M0, M1, FUSED = FusionMode.REBALANCE_M0, FusionMode.REBALANCE_M1, FusionMode.FUSED
 
@@ -61,18 +64,27 @@ def test_cls_rejects_empty_groups(tiny_model):
         CLSTracker(groups)
 
 
-def run_schedule(schedule, d_speeds, epochs):
-    """Drive a schedule: before each step ask the mode, after it report d_speed (scripted per step)."""
+def step(epoch, mode=FUSED):
+    return StepContext(epoch=epoch, step=1, batch=0, mode=mode, steps_per_epoch=None)
+
+
+def guided(epsilon, window, warmup_epochs=1):
+    return Guided(GuidedSettings(epsilon=epsilon, window=window, warmup_epochs=warmup_epochs))
+
+
+def run_schedule(method, d_speeds, epochs):
+    """Drive a method's schedule: before each step ask the mode, after it report d_speed (scripted per step)."""
     modes = []
     for epoch, d in zip(epochs, d_speeds):
-        mode = schedule.next_mode(epoch)
-        modes.append(mode)
-        schedule.observe(mode, d)
+        ctx = step(epoch)
+        ctx.mode = method.next_mode(ctx)
+        modes.append(ctx.mode)
+        method.observe(ctx, {"d_speed": d})
     return modes
 
 
 def test_guided_schedule_follows_algorithm_1():
-    s = GuidedSchedule(epsilon=0.1, window=3, warmup_epochs=1)
+    s = guided(epsilon=0.1, window=3, warmup_epochs=1)
     d = [0.5, 0.5, 0.05,  # warm-up epoch 0: never re-balance, whatever d_speed is
          0.05, 0.2, 9, 9, 9, -0.3, -9, -9, -9, 0.0, 0.1, -0.1, 0.11, 9, 9, 9, 0.0]
     epochs = [0] * 3 + [1] * (len(d) - 3)
@@ -90,40 +102,42 @@ def test_guided_schedule_follows_algorithm_1():
 
 
 def test_guided_checks_last_warmup_step_and_ignores_nan():
-    s = GuidedSchedule(epsilon=0.01, window=2, warmup_epochs=1)
+    s = guided(epsilon=0.01, window=2, warmup_epochs=1)
     assert run_schedule(s, [float("nan"), -0.5, 0, 0, 0], [0, 0, 1, 1, 1]) == [FUSED, FUSED, M1, M1, FUSED]
-    s = GuidedSchedule(epsilon=0.01, window=2, warmup_epochs=0)
+    s = guided(epsilon=0.01, window=2, warmup_epochs=0)
     assert run_schedule(s, [float("nan"), 0.0], [0, 0]) == [FUSED, FUSED]
 
 
 def test_guided_state_round_trip_continues_a_window():
-    a = GuidedSchedule(0.01, 5)
+    a = guided(0.01, 5)
     run_schedule(a, [1.0, 0, 0], [1, 1, 1])  # inside an m0 window, 2 steps in
-    b = GuidedSchedule(0.01, 5)
+    b = guided(0.01, 5)
     b.load_state_dict(a.state_dict())
     assert run_schedule(a, [0] * 5, [1] * 5) == run_schedule(b, [0] * 5, [1] * 5) == [M0, M0, M0, FUSED, FUSED]
 
 
 def test_random_schedule_is_uniform_deterministic_and_resumable():
-    s = RandomSchedule(warmup_epochs=1, seed=3)
-    assert [s.next_mode(0) for _ in range(10)] == [FUSED] * 10
-    draws = [s.next_mode(1) for _ in range(3000)]
+    s = Random(RebalancingSettings(warmup_epochs=1), seed=3)
+    assert [s.next_mode(step(0)) for _ in range(10)] == [FUSED] * 10
+    draws = [s.next_mode(step(1)) for _ in range(3000)]
     for m in (FUSED, M0, M1):
         assert abs(draws.count(m) / 3000 - 1 / 3) < 0.03
-    again = RandomSchedule(warmup_epochs=1, seed=3)
-    assert [again.next_mode(1) for _ in range(100)] == draws[:100]
+    again = Random(RebalancingSettings(warmup_epochs=1), seed=3)
+    assert [again.next_mode(step(1)) for _ in range(100)] == draws[:100]
     state = s.state_dict()
-    resumed = RandomSchedule(warmup_epochs=1, seed=99)
+    resumed = Random(RebalancingSettings(warmup_epochs=1), seed=99)
     resumed.load_state_dict(state)
-    assert [resumed.next_mode(1) for _ in range(50)] == [s.next_mode(1) for _ in range(50)]
+    assert [resumed.next_mode(step(1)) for _ in range(50)] == [s.next_mode(step(1)) for _ in range(50)]
 
 
-def test_make_schedule():
-    assert type(make_schedule("vanilla")) is Schedule
-    assert type(make_schedule("rubi")) is Schedule  # every other algorithm takes regular steps only
-    assert isinstance(make_schedule("guided"), GuidedSchedule)
-    assert isinstance(make_schedule("random"), RandomSchedule)
+def test_make_method():
+    for name in ("vanilla", "rubi", "ogm_ge", "gblend", "unimodal_m0"):  # every other method: regular steps only
+        assert type(make_method(name)).next_mode is Method.next_mode and not make_method(name).rebalancing
+    assert isinstance(make_method("guided"), Guided)
+    assert isinstance(make_method("random"), Random)
+    made = make_method("guided", {"epsilon": 0.3, "ogm_alpha": 0.9, "warmup_epochs": 2}, seed=4)
+    assert (made.epsilon, made.window, made.warmup_epochs, made.seed) == (0.3, 5, 2, 4)  # another's setting: unread
     with pytest.raises(ValueError, match="epsilon"):
-        GuidedSchedule(-1, 5)
+        guided(-1, 5)
     with pytest.raises(ValueError, match="window"):
-        GuidedSchedule(0.1, 0)
+        guided(0.1, 0)

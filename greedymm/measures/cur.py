@@ -7,9 +7,10 @@ from typing import Dict, Iterable, Optional, Union
 
 import torch
 
-from .mmtm import FusionMode
-from .model import TwoBranchNet
-from .train import Batch, _autocast, _to_device, evaluate
+from ..models.mmtm import FusionMode
+from ..models.two_branch import TwoBranchNet
+from ..runtime import Batch, autocast, to_device
+from .evaluate import evaluate
 
 
 @torch.no_grad()
@@ -35,8 +36,8 @@ def compute_squeeze_means(model: TwoBranchNet, train_loader: Iterable[Batch],
         m.squeeze_stats = [torch.zeros(m.channels_a, device=device), torch.zeros(m.channels_b, device=device), 0]
     try:
         for x0, x1, y in train_loader:
-            x0, x1, _ = _to_device(x0, x1, y, device, model)
-            with _autocast(device, autocast_dtype):
+            x0, x1, _ = to_device(x0, x1, y, device, model)
+            with autocast(device, autocast_dtype):
                 model(x0, x1, FusionMode.FUSED)
         for m in mmtms:
             sum_a, sum_b, n = m.squeeze_stats
