@@ -215,9 +215,8 @@ class TrainConfig:
                              "{'epsilon': 0.1}")
         check_option_names(self.options, "options")
         for _, other in METHODS.items():
-            names = settings_names(other)
-            if other is method or any(k in names for k in self.options):
-                settings = other.Settings(**{k: v for k, v in self.options.items() if k in names})
+            if other is method or any(k in settings_names(other) for k in self.options):
+                settings = method_settings(other, self.options)
                 if other is method:
                     method.check(settings)
                 else:
@@ -230,9 +229,7 @@ class TrainConfig:
 
     def settings(self) -> Any:
         """The settings dataclass of this run's method: `options` where they name its fields, defaults elsewhere."""
-        method = METHODS.get(self.algorithm)
-        names = settings_names(method)
-        return method.Settings(**{k: v for k, v in self.options.items() if k in names})
+        return method_settings(METHODS.get(self.algorithm), self.options)
 
     def option(self, name: str) -> Any:
         """A method setting's value: `options[name]`, else the default of the methods that declare it."""
@@ -284,6 +281,12 @@ class TrainConfig:
 def settings_names(method: Any) -> List[str]:
     """The field names of a method's settings dataclass (the options it reads)."""
     return [f.name for f in dataclasses.fields(method.Settings)]
+
+
+def method_settings(method: Any, options: Dict[str, Any]) -> Any:
+    """A method's settings dataclass from `options`: the fields it declares, its defaults for the rest."""
+    names = settings_names(method)
+    return method.Settings(**{k: v for k, v in options.items() if k in names})
 
 
 def option_defaults() -> Dict[str, Any]:

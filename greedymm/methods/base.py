@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import method_settings
 from ..measures.evaluate import Outputs
 from ..models.mmtm import FusionMode
 from ..registry import METHODS
@@ -249,8 +250,7 @@ def make_method(name: str, options: Optional[Mapping[str, Any]] = None, seed: in
         The Method.
     """
     cls = get_method(name)
-    names = {f.name for f in dataclasses.fields(cls.Settings)}
-    return cls(cls.Settings(**{k: v for k, v in (options or {}).items() if k in names}), seed)
+    return cls(method_settings(cls, dict(options or {})), seed)
 
 
 def method_color(name: str, default: Optional[str] = None) -> Optional[str]:
