@@ -8,6 +8,7 @@ import pytest
 
 from greedymm.__main__ import main
 from greedymm.data import dataset_names
+from test_registry import toy  # noqa: F401  (the fixture: a toy dataset small enough for a quick table)
 from greedymm.experiment.params import check_parameters, experiment_plan, parameter_defaults
 from greedymm.experiment.table import format_table, paper_column, summarize
 from greedymm.methods import methods
@@ -62,19 +63,19 @@ def test_settings_the_notebook_does_not_have_are_refused(tmp_path, capsys):
     assert "the plan's studies are greedy_learner, regularization, sensitivity" in capsys.readouterr().err
 
 
-def test_run_prints_the_table_and_writes_the_results_file(tmp_path, capsys):
+def test_run_prints_the_table_and_writes_the_results_file(toy, tmp_path, capsys):
     dirs = dict(DATA_DIR=str(tmp_path / "data"), LOG_DIR=str(tmp_path / "logging"), CKPT_DIR=str(tmp_path / "ck"))
     config = tmp_path / "tiny.yaml"
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in {**TINY, **dirs}.items()))
+    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in {**TINY, "DATASET": "toy", **dirs}.items()))
     assert main(["run", "--config", str(config), "--methods", "unimodal_m1", "vanilla", "--seeds", "0"]) == 0
     out = capsys.readouterr().out
-    results = json.loads((tmp_path / "logging" / "results_embedded.json").read_text())
+    results = json.loads((tmp_path / "logging" / "results_toy.json").read_text())
     assert results["rows"] == ["unimodal_m1", "vanilla"] and results["seeds"] == [0]
     assert set(results) == {"dataset", "views", "device", "seeds", "rows", "runs", "summary", "figures",
                             "steps_this_call"}
     assert len(results["figures"]) == 4 and all(r["status"] == "ok" for r in results["runs"])
-    table = format_table(summarize(results["runs"]), paper_column("embedded"))
-    assert table in out and out.count("embedded_vanilla_s0_") == 1  # the report line of the run
+    table = format_table(summarize(results["runs"]), paper_column("toy"))
+    assert table in out and out.count("toy_vanilla_s0_") == 1  # the report line of the run
     assert "| unimodal_m1 (best) | 1 |" in table
 
 
