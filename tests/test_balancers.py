@@ -169,8 +169,9 @@ def test_ge_noise_has_each_gradients_std_and_touches_nothing_else():
         assert torch.equal(other.branch1.stage2[0].weight.grad, model.branch1.stage2[0].weight.grad) == same
 
 
-@pytest.mark.parametrize("epoch, active", [(0, False), (1, True), (2, True), (3, False)])
+@pytest.mark.parametrize("epoch, active", [(0, False), (1, True), (2, True), (3, True), (4, False)])
 def test_modulation_and_noise_only_inside_the_window(epoch, active):
+    # the window is start <= epoch <= end, the end epoch included as in the official code
     model = fresh_model()
     before = seeded_grads(model)
     alg = ogm(alpha=0.5, start_epoch=1, end_epoch=3)
@@ -217,8 +218,9 @@ def test_ogm_resumed_on_another_kind_of_device_draws_a_fresh_seeded_stream():
 def test_bad_ogm_settings():
     with pytest.raises(ValueError, match="alpha=-1"):
         ogm(alpha=-1)
-    with pytest.raises(ValueError, match="ogm_end_epoch=2 must be greater than ogm_start_epoch=2"):
-        ogm(start_epoch=2, end_epoch=2)
+    with pytest.raises(ValueError, match="ogm_end_epoch=1 must be at least ogm_start_epoch=2"):
+        ogm(start_epoch=2, end_epoch=1)
+    assert ogm(start_epoch=2, end_epoch=2).active(2)  # a one-epoch window
     with pytest.raises(TypeError, match="TwoBranchNet"):
         OGMGE().setup(torch.nn.Linear(2, 2))
     no_hidden = fresh_model()
@@ -442,7 +444,7 @@ def test_algorithms_settings_and_identity():
     (dict(options=dict(ogm_alpha=-0.1)), "ogm_alpha=-0.1 must be a finite number >= 0"),
     (dict(options=dict(ogm_alpha=math.inf)), "ogm_alpha=inf"),
     (dict(options=dict(ogm_start_epoch=-1)), "ogm_start_epoch=-1 must be 0 or more"),
-    (dict(options=dict(ogm_start_epoch=3, ogm_end_epoch=3)), "ogm_end_epoch=3 must be greater than ogm_start_epoch=3"),
+    (dict(options=dict(ogm_start_epoch=3, ogm_end_epoch=2)), "ogm_end_epoch=2 must be at least ogm_start_epoch=3"),
     (dict(options=dict(gblend_period=0)), "gblend_period=0 must be at least 1"),
     (dict(algorithm="ogm"), "allowed: unimodal_m0, unimodal_m1, vanilla, rubi, random, guided, ogm_ge, gblend"),
 ])

@@ -148,7 +148,7 @@ class Run:
         else:
             res = evaluate(model, loaders.test, device, autocast_dtype=dtype)
             cur = {"acc": res["acc"], "acc0": nan, "acc1": nan, "acc0_cut": nan, "acc1_cut": nan, "u_m1_m0": nan,
-                   "u_m0_m1": nan, "d_util": nan}
+                   "u_m0_m1": nan, "d_util": nan, "fusion_spread": nan, "chance": nan, "d_util_undefined": ""}
         out = {**{k: v for k, v in record.items() if k != "history"}, **cur}
         save_json(out, Path(record["log_dir"]) / "cur.json")
         return out

@@ -1,9 +1,11 @@
-"""The conditional utilization rate (paper Sec. 3.2; SPEC Sec. 7): cut the fusion by replacing the other
-modality's squeeze vectors with their means over D_train, and compare accuracies with and without it.
+"""The conditional utilization rate (paper Sec. 3.2; SPEC Sec. 7, 11): cut the fusion by replacing the other
+modality's squeeze vectors with their means over D_train, compare accuracies with and without it, and mark d_util
+undefined when a branch head is at chance or the fusion has collapsed.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Union
+import math
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -50,6 +52,57 @@ def compute_squeeze_means(model: TwoBranchNet, train_loader: Iterable[Batch],
         model.train(was_training)
 
 
+# A branch head counts as at chance when its accuracy is within this many binomial standard errors above 1/K.
+CHANCE_SE = 2.0
+# The fusion counts as collapsed when no fusion scale varies by more than this (its std over the test set): the
+# cross-modal path then carries no per-sample information (paper Sec. 6.3's strongest penalties zero it).
+COLLAPSE_TOL = 1e-2
+
+
+def chance_level(num_classes: int, n: int, se: float = CHANCE_SE) -> float:
+    """The accuracy up to which a head counts as at chance: 1/K + se * sqrt((1/K)(1 - 1/K) / n).
+
+    Args:
+        num_classes: K.
+        n: the samples the accuracy was measured on.
+        se: binomial standard errors above 1/K.
+    Returns:
+        The threshold.
+    """
+    if num_classes < 2 or n < 1:
+        raise ValueError(f"chance_level needs num_classes >= 2 and n >= 1, got {num_classes} and {n}")
+    p = 1.0 / num_classes
+    return p + se * math.sqrt(p * (1 - p) / n)
+
+
+def undefined_reason(acc0: float, acc1: float, num_classes: int, n: int, spread: Optional[float] = None,
+                     tol: float = COLLAPSE_TOL) -> str:
+    """Why d_util is undefined for a model, or "" when it is defined (SPEC Sec. 11).
+
+    d_util compares how much each branch loses when the fusion is cut. A branch head at chance has nothing to lose,
+    and a collapsed fusion (scales constant over the data) passes nothing to cut: both u are then ~0 because the
+    measurement is empty, not because the model is balanced.
+
+    Args:
+        acc0, acc1: A(f0), A(f1), the branch accuracies with the fusion.
+        num_classes: K.
+        n: test samples.
+        spread: the largest std of a fusion scale over the test set (`fusion_spread`); None to skip the check.
+        tol: the collapse tolerance on `spread`.
+    Returns:
+        The reasons joined by "; ", or "".
+    """
+    reasons: List[str] = []
+    if spread is not None and spread < tol:
+        reasons.append(f"fusion collapsed: no fusion scale varies by more than {spread:.1e} over the test set "
+                       f"(< {tol:g})")
+    level = chance_level(num_classes, n)
+    for k, acc in ((0, acc0), (1, acc1)):
+        if acc <= level:
+            reasons.append(f"branch {k} at chance: A(f{k}) = {acc:.3f} <= {level:.3f} (1/K + {CHANCE_SE:g} s.e.)")
+    return "; ".join(reasons)
+
+
 def utilization_rates(acc0: float, acc1: float, acc0_cut: float, acc1_cut: float) -> Dict[str, float]:
     """u(m1|m0), u(m0|m1) and d_util from the four accuracies (SPEC Sec. 7).
 
@@ -76,13 +129,36 @@ def conditional_utilization(model: TwoBranchNet, train_loader: Iterable[Batch], 
         device: the model's device if None.
         autocast_dtype: mixed-precision dtype on CUDA, or None for fp32.
     Returns:
-        dict with acc (fused), acc0, acc1, acc0_cut, acc1_cut, u_m1_m0, u_m0_m1, d_util.
+        dict with acc (fused), acc0, acc1, acc0_cut, acc1_cut, u_m1_m0, u_m0_m1, d_util (NaN when undefined),
+        fusion_spread (the largest std of a fusion scale over the test set), chance (the at-chance level) and
+        d_util_undefined (why d_util is undefined, "" when it is defined).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     compute_squeeze_means(model, train_loader, device, autocast_dtype)
-    fused = evaluate(model, test_loader, device, FusionMode.FUSED, autocast_dtype)
+    mmtms = list(model.mmtms.values())
+    for m in mmtms:  # the fused pass also gathers the spread of the scales
+        width = m.channels_a + m.channels_b
+        m.scale_stats = [torch.zeros(width, dtype=torch.float64, device=device),
+                         torch.zeros(width, dtype=torch.float64, device=device), 0]
+    try:
+        fused = evaluate(model, test_loader, device, FusionMode.FUSED, autocast_dtype)
+        spread = max(_std(m.scale_stats) for m in mmtms)
+    finally:
+        for m in mmtms:
+            m.scale_stats = None
     cut = evaluate(model, test_loader, device, FusionMode.CUT, autocast_dtype)
     out = {"acc": fused["acc"], "acc0": fused["acc0"], "acc1": fused["acc1"],
            "acc0_cut": cut["acc0"], "acc1_cut": cut["acc1"]}
     out.update(utilization_rates(out["acc0"], out["acc1"], out["acc0_cut"], out["acc1_cut"]))
+    reason = undefined_reason(out["acc0"], out["acc1"], fused["classes"], fused["n"], spread)
+    out.update(fusion_spread=spread, chance=chance_level(fused["classes"], fused["n"]), d_util_undefined=reason)
+    if reason:
+        out["d_util"] = math.nan  # the u's stay as measured; their difference means nothing
     return out
+
+
+def _std(stats: list) -> float:
+    """The largest per-channel standard deviation from [sums (C,), sums of squares (C,), n]."""
+    total, squares, n = stats
+    mean = total / n
+    return float((squares / n - mean.square()).clamp(min=0).sqrt().max())

@@ -41,14 +41,15 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
         autocast_dtype: mixed-precision dtype, or None for fp32.
     Returns:
         Two branches: acc (of (y0_hat + y1_hat) / 2), acc0, acc1, loss (CE(y0_hat) + CE(y1_hat)), loss0, loss1,
-        loss_fused (CE of the fused logits) and n. A uni-modal network: acc, loss and n.
+        loss_fused (CE of the fused logits), n (samples) and classes (K, the logits' width). A uni-modal network:
+        acc, loss, n and classes.
     """
     device = device or next(model.parameters()).device
     two = is_two_branch(model)
     was_training = model.training
     model.eval()
     totals = torch.zeros(6 if two else 2, dtype=torch.float64, device=device)
-    n = 0
+    n = classes = 0
     for x0, x1, y in loader:
         x0, x1, y = to_device(x0, x1, y, device, model)
         with autocast(device, autocast_dtype):
@@ -66,14 +67,15 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
             y_hat = y_hat.float()
             totals += torch.stack([F.cross_entropy(y_hat, y, reduction="sum"), correct(y_hat, y)]).double()
         n += y.shape[0]
+        classes = (y0_hat if two else y_hat).shape[1]
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate() got an empty loader")
     t = [v / n for v in totals.tolist()]  # the one host synchronisation
     if not two:
-        return {"acc": t[1], "loss": t[0], "n": n}
+        return {"acc": t[1], "loss": t[0], "n": n, "classes": classes}
     return {"acc": t[3], "acc0": t[4], "acc1": t[5], "loss": t[0] + t[1], "loss0": t[0], "loss1": t[1],
-            "loss_fused": t[2], "n": n}
+            "loss_fused": t[2], "n": n, "classes": classes}
 
 
 def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ class OGMSettings(MethodSettings):
     """OGM-GE's settings (SPEC Sec. 12)."""
 
     ogm_alpha: float = setting(0.1, param="OGM_ALPHA")  # alpha in k = 1 - tanh(alpha * rho) (theirs: 0.1-0.8)
-    ogm_start_epoch: int = 0  # epochs trained before the modulation (and its GE noise) starts
-    ogm_end_epoch: Optional[int] = None  # modulation (and noise) ends after this many epochs (None: never)
+    ogm_start_epoch: int = 0  # first 0-based epoch the modulation (and its GE noise) acts in
+    ogm_end_epoch: Optional[int] = None  # last 0-based epoch it acts in, included as in their code (None: no end)
 
     def validate(self) -> None:
         if not (self.ogm_alpha >= 0 and math.isfinite(self.ogm_alpha)):
@@ -31,9 +31,10 @@ class OGMSettings(MethodSettings):
                              "noise only)")
         if self.ogm_start_epoch < 0:
             raise ValueError(f"ogm_start_epoch={self.ogm_start_epoch} must be 0 or more")
-        if self.ogm_end_epoch is not None and self.ogm_end_epoch <= self.ogm_start_epoch:
-            raise ValueError(f"ogm_end_epoch={self.ogm_end_epoch} must be greater than ogm_start_epoch="
-                             f"{self.ogm_start_epoch} (the modulation runs in epochs start..end-1), or None for no end")
+        if self.ogm_end_epoch is not None and self.ogm_end_epoch < self.ogm_start_epoch:
+            raise ValueError(f"ogm_end_epoch={self.ogm_end_epoch} must be at least ogm_start_epoch="
+                             f"{self.ogm_start_epoch} (the modulation acts in epochs start..end, both included, as "
+                             "their code's `start <= epoch <= end`), or None for no end")
 
 
 def ogm_coefficients(y0_hat: torch.Tensor, y1_hat: torch.Tensor, y: torch.Tensor,
@@ -146,9 +147,10 @@ class OGMGE(Method):
         return self.seed * 1_000_003 + 977 + draws
 
     def active(self, epoch: int) -> bool:
-        """Whether the modulation (and the GE noise) applies in this 0-based epoch."""
+        """Whether the modulation (and the GE noise) applies in this 0-based epoch: start <= epoch <= end, the end
+        included as in their code."""
         start, end = self.window
-        return epoch >= start and (end is None or epoch < end)
+        return epoch >= start and (end is None or epoch <= end)
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, out: Outputs, y: torch.Tensor,

@@ -75,6 +75,9 @@ class MMTM(nn.Module):
         self.register_buffer("has_squeeze_means", torch.zeros((), dtype=torch.bool))
         # Set by compute_squeeze_means: while not None, forward adds the squeeze vectors here.
         self.squeeze_stats: Union[None, list] = None
+        # Set by greedymm.measures.cur.fusion_spread: while not None, forward in fused mode adds the scales' per-channel
+        # sums and sums of squares here (float64), for their spread over a data set.
+        self.scale_stats: Union[None, list] = None
         # Host mirrors of scale_count > 0 and has_squeeze_means: checking the buffers themselves would
         # synchronise with a GPU in every forward pass.
         self._has_running_scales = False
@@ -133,6 +136,11 @@ class MMTM(nn.Module):
             z = self._excite(s_a, s_b)  # (B, hidden)
             scale_a = torch.sigmoid(self.fc_a(z))  # (B, C_A)
             scale_b = torch.sigmoid(self.fc_b(z))  # (B, C_B)
+            if self.scale_stats is not None and mode is FusionMode.FUSED:
+                scales = torch.cat([scale_a, scale_b], dim=1).detach().double()  # (B, C_A + C_B)
+                self.scale_stats[0] += scales.sum(0)
+                self.scale_stats[1] += scales.square().sum(0)
+                self.scale_stats[2] += scales.shape[0]
             if mode is FusionMode.FUSED and self.training:
                 # a-bar and b-bar: sample-weighted means over regular training steps only (SPEC Sec. 3;
                 # the authors' code also counted eval/re-balancing passes and fed b-bar from sigmoid(E_A)).

@@ -348,7 +348,7 @@ class Trainer:
         for split, loader in (("val", self.val_loader), ("test", self.test_loader if cfg.eval_test else None)):
             if loader is not None:
                 res = evaluate(self.model, loader, self.device, FusionMode.FUSED, self.amp_dtype)
-                record.update({f"{split}_{k}": v for k, v in res.items() if k != "n"})
+                record.update({f"{split}_{k}": v for k, v in res.items() if k not in ("n", "classes")})
         record.update(self.method.end_epoch(record, StepContext(self.epoch, self.step, self.batch, FusionMode.FUSED,
                                                                 self.steps_per_epoch)))
         self.scheduler.step(record["train_loss"])  # plateau of the training loss (SPEC Sec. 6)
