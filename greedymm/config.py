@@ -165,6 +165,7 @@ class TrainConfig:
     max_epochs: int = 300  # hard epoch limit
     max_steps: Optional[int] = None  # optional budget of optimizer steps (None = no budget)
     full_acc_epochs: int = 5  # stop once training accuracy was 100% in this many epochs
+    full_acc_steps: Optional[int] = None  # instead: once the epochs at 100% training accuracy hold this many steps
     seed: int = 0  # seeds weights, data order, augmentation and the random schedule
     precision: str = "auto"  # "auto" (CUDA: bf16 from capability 8.0, fp16 below; CPU: fp32), "fp32", "bf16", "fp16"
     channels_last: bool = True  # channels_last memory format on CUDA
@@ -197,6 +198,9 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps} must be at least 1, or None for no budget")
         if self.full_acc_epochs < 1:
             raise ValueError(f"full_acc_epochs={self.full_acc_epochs} must be at least 1")
+        if self.full_acc_steps is not None and self.full_acc_steps < 1:
+            raise ValueError(f"full_acc_steps={self.full_acc_steps} must be at least 1, or None to count epochs "
+                             "(full_acc_epochs)")
         if not (self.l1 >= 0 and math.isfinite(self.l1)):
             raise ValueError(f"l1={self.l1} must be a finite number >= 0 (the L1 penalty strength lambda)")
         if self.precision not in PRECISIONS:
@@ -226,6 +230,9 @@ class TrainConfig:
     # evaluation, and the budgets (a run stopped by max_epochs or max_steps may be continued with a larger one).
     NOT_IDENTITY = ("run_name", "log_dir", "ckpt_dir", "progress", "ckpt_every_steps", "eval_test", "max_epochs",
                     "max_steps")
+    # Fields added after greedymm 0.1, with the value that reproduces 0.1's behaviour: a run holding it leaves the
+    # field out of its identity, so runs that do not use the new setting keep their names (and checkpoints).
+    LEGACY = {"full_acc_steps": None}
 
     def settings(self) -> Any:
         """The settings dataclass of this run's method: `options` where they name its fields, defaults elsewhere."""
@@ -244,8 +251,9 @@ class TrainConfig:
         """The settings that define a training run: every field that changes its result (see NOT_IDENTITY), flat,
         with this run's method settings (defaults filled) in place of `options`: another method's settings never
         make a run new."""
-        shared = {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY and k != "options"}
-        return {**shared, **dataclasses.asdict(self.settings())}
+        shared = {k: v for k, v in to_dict(self).items() if k not in self.NOT_IDENTITY and k != "options"
+                  and not (k in self.LEGACY and v == self.LEGACY[k])}
+        return {**shared, **settings_identity(self.settings())}
 
     @classmethod
     def paper(cls, **overrides: Any) -> "TrainConfig":
@@ -281,6 +289,13 @@ class TrainConfig:
 def settings_names(method: Any) -> List[str]:
     """The field names of a method's settings dataclass (the options it reads)."""
     return [f.name for f in dataclasses.fields(method.Settings)]
+
+
+def settings_identity(settings: Any) -> Dict[str, Any]:
+    """A method's settings as they define a run: every field, less those that hold their `legacy` value (settings
+    added after greedymm 0.1, at the value that reproduces it: see `greedymm.methods.base.setting`)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+            if not ("legacy" in f.metadata and getattr(settings, f.name) == f.metadata["legacy"])}
 
 
 def method_settings(method: Any, options: Dict[str, Any]) -> Any:

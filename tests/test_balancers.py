@@ -293,14 +293,15 @@ HISTORY = {1: ((2.0, 2.0, 2.0), (1.9, 1.9, 1.9)),
            5: ((1.5, 1.0, 2.1), (1.0, 0.7, 1.9))}  # vs 3: dG = (0, 0.8, 0), dO = (0, 0, 0)
 
 
-def test_weights_are_re_estimated_every_n_epochs_from_the_last_window():
-    alg = GradientBlending(GBlendSettings(gblend_period=2))
+@pytest.mark.parametrize("scale", [2.0, 1.0])
+def test_weights_are_re_estimated_every_n_epochs_from_the_last_window(scale):
+    alg = GradientBlending(GBlendSettings(gblend_period=2, gblend_scale=scale))
     alg.setup(fresh_model())
-    third = torch.tensor(1 / 3, dtype=torch.float32).item()
+    third = torch.tensor(scale / 3, dtype=torch.float32).item()  # the weights sum to the scale (2: vanilla's)
     raw = (0.5 / 0.4 ** 2, 0.2 / 0.2 ** 2, 0.0)  # 3.125, 5, clamped
-    after3 = [torch.tensor(r / sum(raw), dtype=torch.float32).item() for r in raw]
+    after3 = [torch.tensor(scale * r / sum(raw), dtype=torch.float32).item() for r in raw]
     expected_used = {1: [third] * 3, 2: [third] * 3, 3: [third] * 3, 4: after3, 5: after3}
-    expected_next = {1: [third] * 3, 2: [third] * 3, 3: after3, 4: after3, 5: [0.0, 1.0, 0.0]}  # dO = 0 < dG: head 1
+    expected_next = {1: [third] * 3, 2: [third] * 3, 3: after3, 4: after3, 5: [0.0, scale, 0.0]}  # dO = 0 < dG
     states = {}
     for epoch, (val, tr) in HISTORY.items():
         out = alg.end_epoch(synthetic_record(epoch, val, tr), step(epoch - 1))
@@ -309,12 +310,32 @@ def test_weights_are_re_estimated_every_n_epochs_from_the_last_window():
         assert alg._w.tolist() == alg.weights == [out["next_w0"], out["next_w1"], out["next_w_fused"]]  # the loss's
         states[epoch] = copy.deepcopy(alg.state_dict())
     # a resumed algorithm keeps the weights and the window's start (epoch 3)
-    resumed = GradientBlending(GBlendSettings(gblend_period=2))
+    resumed = GradientBlending(GBlendSettings(gblend_period=2, gblend_scale=scale))
     resumed.setup(fresh_model())
     resumed.load_state_dict(states[4])
     assert resumed.weights == states[4]["weights"] and resumed._w.tolist() == states[4]["weights"]
     assert_close(resumed.weights, after3, rtol=1e-6, atol=0)
-    assert resumed.end_epoch(synthetic_record(5, *HISTORY[5]), step(4))["next_w1"] == 1.0
+    assert resumed.end_epoch(synthetic_record(5, *HISTORY[5]), step(4))["next_w1"] == scale
+
+
+def test_equal_blending_weights_train_at_vanillas_gradient_scale():
+    """SPEC Sec. 12: weights summing to 2 make the first gradients those of CE(y0) + CE(y1) + ... at the same scale:
+    with equal weights 2/3 the loss is 2/3 (CE(y0) + CE(y1) + CE(fused)), whose gradient norm is comparable to
+    vanilla's; weights summing to 1 would halve it."""
+    y0 = torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.0, 2.0, 0.0, 0.0]], requires_grad=True)
+    y1 = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    grads = {}
+    for scale in (1.0, 2.0):
+        alg = GradientBlending(GBlendSettings(gblend_scale=scale))
+        alg.setup(fresh_model())
+        loss, _ = alg.loss({"y0": y0, "y1": y1}, y, step())
+        grads[scale] = torch.autograd.grad(loss, (y0, y1))
+    for g1, g2 in zip(grads[1.0], grads[2.0]):
+        assert_close(g2, 2 * g1)  # the default scale doubles their formulation's step
+    assert GradientBlending().weights == [torch.tensor(2 / 3, dtype=torch.float32).item()] * 3
+    with pytest.raises(ValueError, match="gblend_scale=0"):
+        GradientBlending(GBlendSettings(gblend_scale=0))
 
 
 def test_bad_gblend_settings():
@@ -373,14 +394,14 @@ def test_gblend_end_to_end_weights_follow_the_loss_history(tmp_path, toy_loaders
         assert [s[k] for k in names] == [epoch[k] for k in names]  # constant within an epoch
         assert_close(s["loss"], sum(s[k] * s[t] for k, t in zip(names, ("loss0", "loss1", "loss_fused"))),
                      rtol=1e-6, atol=1e-7)
-    assert_close([hist[0][k] for k in names], [1 / 3] * 3)
+    assert_close([hist[0][k] for k in names], [2 / 3] * 3)  # equal, summing to 2: vanilla's gradient scale
     for prev, cur, nxt in zip(hist, hist[1:], hist[2:] + [None]):  # period 1: every epoch from the second
         raw = []
         for t in ("0", "1", "_fused"):
             d_g = prev[f"val_loss{t}"] - cur[f"val_loss{t}"]
             d_o = (cur[f"val_loss{t}"] - cur[f"train_loss{t}"]) - (prev[f"val_loss{t}"] - prev[f"train_loss{t}"])
             raw.append(max(d_g / d_o ** 2, 0.0))
-        want = [r / sum(raw) for r in raw] if sum(raw) > 0 else [1 / 3] * 3
+        want = [2 * r / sum(raw) for r in raw] if sum(raw) > 0 else [2 / 3] * 3
         assert_close([cur[f"next_{k}"] for k in names], want, rtol=1e-6, atol=1e-7)
         if nxt is not None:
             assert [nxt[k] for k in names] == [cur[f"next_{k}"] for k in names]

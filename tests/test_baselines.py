@@ -30,10 +30,11 @@ def first_batch(loader):
 
 
 # -------------------------------------------------------------------------------------------------------- RUBi
+@pytest.mark.parametrize("bias_input", ["unimodal", "fused"])
 @pytest.mark.parametrize("bias", [0, 1])
-def test_rubi_loss_against_a_hand_computation(bias):
+def test_rubi_loss_against_a_hand_computation(bias, bias_input):
     model = fresh_model().train()
-    rubi = RUBi(RUBiSettings(rubi_bias=f"m{bias}"))
+    rubi = RUBi(RUBiSettings(rubi_bias=f"m{bias}", rubi_bias_input=bias_input))
     heads = rubi.setup(model)
     assert isinstance(heads, RUBiHeads) and heads.c1[0].in_features == 8 and heads.c2.out_features == 4
     x0, x1, y = first_batch(ToyLoader())
@@ -41,16 +42,24 @@ def test_rubi_loss_against_a_hand_computation(bias):
     loss, terms = rubi.loss(out, y, FUSED_STEP)
 
     # by hand: the features entering the bias branch's final linear layer, the MLP, the mask, three CE terms
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(model)  # its running scales now include this batch, as the bias pass saw them
     with torch.no_grad():
         a, b = x0, x1
         for name in ref.stage_names[:-1]:
             a, b = getattr(ref.branch0, name)(a), getattr(ref.branch1, name)(b)
             if name in ref.mmtms:
-                a, b = ref.mmtms[name](a, b)
-        e = (a if bias == 0 else b).mean(dim=(2, 3))  # the head's pool + flatten: (B, 8)
+                a, b = ref.mmtms[name](a, b, "fused")
         y0 = ref.branch0.head[-1](a.mean(dim=(2, 3)))
         y1 = ref.branch1.head[-1](b.mean(dim=(2, 3)))
+        e = (a if bias == 0 else b).mean(dim=(2, 3))  # the head's pool + flatten: (B, 8)
+        if bias_input == "unimodal":  # branch b alone: every fusion scale of b is its running mean over the steps
+            h = x0 if bias == 0 else x1
+            branch = ref.branch0 if bias == 0 else ref.branch1
+            for name in ref.stage_names[:-1]:
+                h = getattr(branch, name)(h)
+                if name in ref.mmtms:
+                    h = h * ref.mmtms[name].running_scales()[bias].float()[None, :, None, None]
+            e = h.mean(dim=(2, 3))
         hidden = torch.relu(e @ heads.c1[0].weight.T + heads.c1[0].bias)
         c1 = hidden @ heads.c1[2].weight.T + heads.c1[2].bias  # (B, K)
         c2 = c1 @ heads.c2.weight.T + heads.c2.bias
@@ -61,6 +70,38 @@ def test_rubi_loss_against_a_hand_computation(bias):
     assert_close((terms["loss0"].item(), terms["loss1"].item(), terms["loss_bias"].item()),
                  (l0.item(), l1.item(), lb.item()), rtol=1e-5, atol=1e-6)
     assert_close(loss.item(), (l0 + l1 + lb).item(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [0, 1])
+def test_rubi_bias_input_sees_the_bias_modality_alone_and_leaves_the_norms(bias):
+    """SPEC Sec. 9: as RUBi's question-only branch, the mask must come from the bias modality alone. Changing the
+    other modality's input changes the fused features (through the MMTMs) but not the bias classifier's input; the
+    extra pass moves no batch-norm statistic (they are those of the regular pass alone)."""
+    x0, x1, y = first_batch(ToyLoader())
+    other = torch.flip(x1 if bias == 0 else x0, dims=[0])  # the other modality of other samples
+    inputs = {"same": (x0, x1), "other": (x0, other) if bias == 0 else (other, x1)}
+    c1 = {}
+    for input_ in ("unimodal", "fused"):
+        for key, (a, b) in inputs.items():
+            model = fresh_model().train()
+            model(*first_batch(ToyLoader(seed=3))[:2], "fused")  # an earlier regular step: the running means
+            rubi = RUBi(RUBiSettings(rubi_bias=f"m{bias}", rubi_bias_input=input_))
+            rubi.setup(model)
+            torch.manual_seed(0)
+            rubi.heads.load_state_dict(RUBiHeads(8, 4).state_dict())  # the same heads in every case
+            c1[input_, key] = rubi.forward(model, a, b, FUSED_STEP)["c1"].detach()
+            if input_ == "unimodal" and key == "same":
+                plain = fresh_model().train()
+                plain(*first_batch(ToyLoader(seed=3))[:2], "fused")
+                plain(a, b, "fused")
+                for (k, v), (_, w) in zip(model.state_dict().items(), plain.state_dict().items()):
+                    if "running" in k or "num_batches" in k or "scale_" in k:
+                        assert torch.equal(v, w), k
+    assert torch.equal(c1["unimodal", "same"], c1["unimodal", "other"])
+    assert not torch.allclose(c1["fused", "same"], c1["fused", "other"])
+    assert RUBi().settings.rubi_bias_input == "unimodal"
+    with pytest.raises(ValueError, match="rubi_bias_input='x' is unknown"):
+        RUBiSettings(rubi_bias_input="x").validate()
 
 
 def test_rubi_bias_path_sends_no_gradient_into_the_branches():

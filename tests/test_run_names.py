@@ -1,5 +1,9 @@
 """Run names never drift silently (issue 17): names computed with greedymm before the registries (commit d90399c, its
-flat TrainConfig fields) must come out of today's configs unchanged, so that every old checkpoint still resumes."""
+flat TrainConfig fields) must come out of today's configs unchanged, so that every old checkpoint still resumes.
+
+Two methods changed their behaviour since (issue 16): Gradient Blending's weights sum to 2 (vanilla's gradient
+scale) and RUBi's bias classifier reads the bias modality alone. Their default runs therefore have new names, and
+the settings that reproduce 0.1's behaviour (`gblend_scale=1`, `rubi_bias_input="fused"`) give the old ones."""
 from __future__ import annotations
 
 import pytest
@@ -48,12 +52,28 @@ OPTIONS = {"vanilla": {}, "guided": dict(epsilon=0.2, window=3, warmup_epochs=2)
            "rubi": dict(rubi_bias="m1"), "unimodal_m0": dict(epsilon=0.3), "random": dict(warmup_epochs=3)}
 
 
+# The settings that reproduce greedymm 0.1's behaviour of the methods that changed since.
+LEGACY = {"gblend": {"gblend_scale": 1.0}, "rubi": {"rubi_bias_input": "fused"}}
+
+
 @pytest.mark.parametrize("key", list(PINNED))
 def test_run_names_are_those_of_the_flat_settings(key):
     dataset, algorithm, variant = key.split("/")
     options, seed = (OPTIONS[algorithm], 1) if variant == "options" else ({}, 0)
-    cfg = TrainConfig.for_dataset(dataset, algorithm=algorithm, seed=seed, options=options)
+    cfg = TrainConfig.for_dataset(dataset, algorithm=algorithm, seed=seed, options={**options,
+                                                                                   **LEGACY.get(algorithm, {})})
     assert run_name(DataConfig.for_dataset(dataset), cfg) == PINNED[key]
+    if algorithm in LEGACY:  # the new behaviour is a new run, never a resumed old one
+        new = TrainConfig.for_dataset(dataset, algorithm=algorithm, seed=seed, options=options)
+        assert run_name(DataConfig.for_dataset(dataset), new) != PINNED[key]
+
+
+def test_a_stop_rule_in_steps_is_a_new_run_and_its_absence_is_not():
+    data = DataConfig.for_dataset("colored_mnist")
+    default = TrainConfig.for_dataset("colored_mnist", algorithm="guided", full_acc_steps=None)
+    assert "full_acc_steps" not in default.identity()
+    assert run_name(data, TrainConfig.for_dataset("colored_mnist", algorithm="guided", full_acc_steps=100)) != \
+        run_name(data, default)
 
 
 def test_a_custom_models_run_name_is_pinned_too():

@@ -27,9 +27,19 @@ class MethodSettings:
         """Raise ValueError naming the field, its value and what is allowed."""
 
 
-def setting(default: Any, param: Optional[str] = None) -> Any:
-    """A settings field with its default and, optionally, the notebook parameter (papermill) that sets it."""
-    return field(default=default, metadata={"param": param} if param else {})
+_NO_LEGACY = object()
+
+
+def setting(default: Any, param: Optional[str] = None, legacy: Any = _NO_LEGACY) -> Any:
+    """A settings field with its default and, optionally, the notebook parameter (papermill) that sets it.
+
+    `legacy` is for a setting added after greedymm 0.1: the value that reproduces 0.1's behaviour. A run holding it
+    leaves the setting out of its identity, so it keeps the name (and resumes the checkpoints) 0.1 gave it.
+    """
+    metadata: Dict[str, Any] = {"param": param} if param else {}
+    if legacy is not _NO_LEGACY:
+        metadata["legacy"] = legacy
+    return field(default=default, metadata=metadata)
 
 
 @dataclass

@@ -22,10 +22,14 @@ class GBlendSettings(MethodSettings):
     """Gradient Blending's setting (SPEC Sec. 12)."""
 
     gblend_period: int = setting(3, param="GBLEND_PERIOD")  # n, the epochs between two re-estimations of the weights
+    gblend_scale: float = setting(2.0, legacy=1.0)  # the weights' sum: 2 = vanilla's scale CE(y0) + CE(y1); 1 = theirs
 
     def validate(self) -> None:
         if self.gblend_period < 1:
             raise ValueError(f"gblend_period={self.gblend_period} must be at least 1 (epochs between re-estimations)")
+        if not (self.gblend_scale > 0 and math.isfinite(self.gblend_scale)):
+            raise ValueError(f"gblend_scale={self.gblend_scale} must be a positive finite number (the sum of the "
+                             "blending weights; 2 trains at vanilla's gradient scale)")
 
 
 BLEND_HEADS = ("0", "1", "fused")  # y0_hat, y1_hat and the fused (y0_hat + y1_hat) / 2
@@ -93,21 +97,22 @@ class GradientBlending(Method):
     """Gradient Blending (Wang et al., CVPR 2020) on the two-branch MMTM network (SPEC Sec. 12).
 
     Three heads, y0_hat, y1_hat and the fused (y0_hat + y1_hat) / 2, and the loss sum_h w_h CE(head_h, y). The
-    weights start equal (1/3); the first window starts at the end of epoch 1 (the first time both a validation and a
+    weights start equal (scale/3); the first window starts at the end of epoch 1 (the first time both a validation and a
     training loss exist), and at the end of epochs 1 + n, 1 + 2n, ... they are re-estimated from the last window by
     `blend_weights`. The held-out data is the validation split, which thereby also shapes the model that it then
     picks as the best checkpoint. Every step is a regular (fused) step.
 
     Our adaptation: their heads are separate classifiers on each modality's features and on the late-fused features;
     here y_k_hat is branch k's own head (which sees the other modality through the MMTMs), and the fused head is the
-    model's prediction. With weights summing to 1 the gradients are smaller than the paper's loss CE(y0_hat) +
-    CE(y1_hat) (half of them with equal weights), as in their formulation.
+    model's prediction. Their weights sum to 1, which with equal weights gives half the gradient of the paper's
+    loss CE(y0_hat) + CE(y1_hat): a comparison at half the learning rate. Here they sum to `gblend_scale` (2 by
+    default, vanilla's scale; 1 restores their formulation), so every row of a table trains at the same step size.
 
     Logged: w0, w1, w_fused every step (the weights of that step) and every epoch (those it trained with, and
     next_w0, next_w1, next_w_fused for the next epoch); loss0, loss1, loss_fused are the unweighted CE of each head.
 
     Args:
-        settings: GBlendSettings (gblend_period: n, epochs between re-estimations).
+        settings: GBlendSettings (gblend_period: n, epochs between re-estimations; gblend_scale: the weights' sum).
         seed: unused.
     """
 
@@ -122,7 +127,8 @@ class GradientBlending(Method):
     def __init__(self, settings: Optional[MethodSettings] = None, seed: int = 0) -> None:
         super().__init__(settings, seed)
         self.period = int(self.settings.gblend_period)
-        self.weights = self._as_float32([1 / 3] * 3)  # w0, w1, w_fused
+        self.scale = float(self.settings.gblend_scale)
+        self.weights = self._as_float32([self.scale / 3] * 3)  # w0, w1, w_fused, summing to the scale
         self.anchor: Optional[dict] = None  # {"epoch", "G", "O"} at the start of the current window
         self._w = torch.tensor(self.weights)  # (3,) on the model's device after setup
 
@@ -166,7 +172,7 @@ class GradientBlending(Method):
         g, o = head_losses(record)
         if (epoch - 1) % self.period == 0:  # a window boundary: epochs 1, 1 + n, 1 + 2n, ...
             if self.anchor is not None:
-                self._set_weights(blend_weights(self.anchor["G"], self.anchor["O"], g, o))
+                self._set_weights([self.scale * w for w in blend_weights(self.anchor["G"], self.anchor["O"], g, o)])
             self.anchor = {"epoch": epoch, "G": g, "O": o}
         names = ["w0", "w1", "w_fused"]
         return {**dict(zip(names, used)), **{f"next_{k}": w for k, w in zip(names, self.weights)}}

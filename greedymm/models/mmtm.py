@@ -94,6 +94,11 @@ class MMTM(nn.Module):
         self.has_squeeze_means.fill_(True)
         self._has_squeeze_means = True
 
+    @property
+    def has_running_scales(self) -> bool:
+        """Whether a regular training step has filled the running means a-bar, b-bar (no host synchronisation)."""
+        return self._has_running_scales
+
     def running_scales(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return (a-bar (C_A,), b-bar (C_B,)): per-channel means of sigmoid(E_A), sigmoid(E_B) over regular steps."""
         if not self._has_running_scales:

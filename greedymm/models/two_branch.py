@@ -4,8 +4,9 @@ with SE blocks in place of the MMTMs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -169,6 +170,29 @@ class TwoBranchNet(nn.Module):
             "m0_prime": [p for m in self.mmtms.values() for p in m.fc_a.parameters()] + shared,
             "m1_prime": [p for m in self.mmtms.values() for p in m.fc_b.parameters()] + shared,
         }
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Run an extra pass in training mode (batch statistics) without moving the batch norms' running statistics.
+
+    The pass updates copies of their buffers (running mean and variance, batches tracked), and the originals are put
+    back on exit, untouched: a regular pass before it keeps its graph (autograd saved those buffers).
+
+    Args:
+        module: the model whose batch norms the pass goes through.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
+    for m, buffers in zip(norms, saved):
+        for k, v in buffers.items():
+            setattr(m, k, v.clone())  # the pass updates the copy
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, saved):
+            for k, v in buffers.items():
+                setattr(m, k, v)
 
 
 def _feature_hook(store: List[Optional[torch.Tensor]], index: int):

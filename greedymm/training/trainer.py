@@ -143,7 +143,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- training
     def fit(self, resume: bool = True) -> RunResult:
-        """Train until 100% training accuracy in `full_acc_epochs` epochs, `max_epochs` or `max_steps`.
+        """Train until 100% training accuracy in `full_acc_epochs` epochs (or epochs of `full_acc_steps` steps in
+        all), `max_epochs` or `max_steps`.
 
         Args:
             resume: continue from checkpoints/<run>/last.pt when it exists (a finished run returns at once);
@@ -196,7 +197,10 @@ class Trainer:
     def _stop_reason_before_epoch(self) -> Optional[str]:
         # Derived from the state alone, so a finished run that is resumed stops at once, and one resumed
         # with a larger budget continues.
-        if self.full_acc_count >= self.cfg.full_acc_epochs:
+        if self.cfg.full_acc_steps is not None:  # counted in steps: the same training whatever the epoch's length
+            if full_acc_steps(self.history) >= self.cfg.full_acc_steps:
+                return "full_train_acc"
+        elif self.full_acc_count >= self.cfg.full_acc_epochs:
             return "full_train_acc"
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             return "max_steps"
@@ -406,3 +410,19 @@ def train(model: nn.Module, train_loader: Iterable[Batch], cfg: TrainConfig,
     """
     return Trainer(model, train_loader, cfg, val_loader, test_loader, device, callback, extra_config, identity,
                    method, callbacks).fit(resume)
+
+
+def full_acc_steps(history: Sequence[dict]) -> int:
+    """The steps of the epochs that ended at 100% training accuracy (SPEC Sec. 10: the stop rule counted in steps).
+
+    Args:
+        history: the epoch records (each with its cumulative `step` and `train_acc`).
+    Returns:
+        The sum of those epochs' steps.
+    """
+    total, previous = 0, 0
+    for record in history:
+        if record["train_acc"] == 1.0:
+            total += record["step"] - previous
+        previous = record["step"]
+    return total
