@@ -496,7 +496,7 @@ def test_cuda_training_step_synchronises_once(tmp_path, toy_loaders, mode):
     (dict(precision="half"), "precision='half' is unknown; allowed: auto, fp32, bf16, fp16"),
     (dict(l1=-1.0), "l1=-1.0 must be a finite number >= 0"),
     (dict(options={"rubi_bias": "m2"}), "rubi_bias='m2' is unknown"),
-    (dict(options={"epsilom": 0.1}), "which no method declares; allowed: rubi_bias, warmup_epochs, epsilon"),
+    (dict(options={"epsilom": 0.1}), "which no method declares; allowed: rubi_bias, rubi_bias_input, warmup_epochs, epsilon"),
     (dict(options=[("epsilon", 0.1)]), "must be a dict of method settings"),
 ])
 def test_bad_train_settings(kwargs, message):
