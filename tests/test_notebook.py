@@ -18,7 +18,7 @@ DEFAULTS = dict(DATASET="modelnet40", DATA_DIR="", DATA_URL="", make_npy_files=F
                 ALGORITHMS=["vanilla", "rubi", "random", "guided"], UNIMODAL=True, EPSILON=None, WINDOW=None,
                 OGM_ALPHA=None, GBLEND_PERIOD=None, SEEDS=[0, 1, 2], LOG_DIR="logging", CKPT_DIR="checkpoints",
                 RESUME=True, EVAL_TEST=True, NUM_WORKERS=2, EMBEDDED_PER_CLASS=120, EMBEDDED_TEST_PER_CLASS=40,
-                PRECISION="auto", PROGRESS=True)
+                PRECISION="auto", PROGRESS=True, MODEL="")
 
 
 def notebook_defaults(name: str = "greedy_multimodal.ipynb") -> dict:
@@ -56,6 +56,10 @@ def test_plan_fills_the_paper_presets_per_dataset():
                                      UNIMODAL=False, DATA_URL="http://mirror/x.tar.gz"))
     assert (mine.train.lr, mine.data.batch_size, mine.data.views, mine.algorithms) == (0.02, 4, (2, 2), ["guided"])
     assert mine.data.url == "http://mirror/x.tar.gz"
+    assert plan.model == "" and plan_from_parameters(dict(DEFAULTS, MODEL="greedymm.models.zoo:mmtm_convnet")).model \
+        == "greedymm.models.zoo:mmtm_convnet"
+    with pytest.raises(ValueError, match="nowhere:thing"):
+        plan_from_parameters(dict(DEFAULTS, MODEL="nowhere:thing"))
     balancers = plan_from_parameters(dict(DEFAULTS, ALGORITHMS=["gblend", "vanilla", "ogm_ge"], OGM_ALPHA=0.5,
                                           GBLEND_PERIOD=2))
     assert balancers.algorithms == ["unimodal_m0", "unimodal_m1", "vanilla", "ogm_ge", "gblend"]

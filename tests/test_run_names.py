@@ -60,12 +60,23 @@ LEGACY = {"gblend": {"gblend_scale": 1.0}, "rubi": {"rubi_bias_input": "fused"}}
 def test_run_names_are_those_of_the_flat_settings(key):
     dataset, algorithm, variant = key.split("/")
     options, seed = (OPTIONS[algorithm], 1) if variant == "options" else ({}, 0)
-    cfg = TrainConfig.for_dataset(dataset, algorithm=algorithm, seed=seed, options={**options,
-                                                                                   **LEGACY.get(algorithm, {})})
+    legacy_protocol = {"full_acc_steps": None}  # 0.1 counted the stop rule in epochs on every dataset
+    cfg = TrainConfig.for_dataset(dataset, algorithm=algorithm, seed=seed, **legacy_protocol,
+                                  options={**options, **LEGACY.get(algorithm, {})})
     assert run_name(DataConfig.for_dataset(dataset), cfg) == PINNED[key]
     if algorithm in LEGACY:  # the new behaviour is a new run, never a resumed old one
-        new = TrainConfig.for_dataset(dataset, algorithm=algorithm, seed=seed, options=options)
+        new = TrainConfig.for_dataset(dataset, algorithm=algorithm, seed=seed, **legacy_protocol, options=options)
         assert run_name(DataConfig.for_dataset(dataset), new) != PINNED[key]
+
+
+def test_the_digit_presets_count_the_stop_rule_in_mnist_steps():
+    """SPEC Sec. 10: 5 epochs of MNIST's 391 steps, on both digit datasets; the stand-in trains 150 epochs."""
+    for dataset in ("colored_mnist", "colored_digits"):
+        cfg = TrainConfig.for_dataset(dataset)
+        assert cfg.full_acc_steps == 5 * 391 and cfg.identity()["full_acc_steps"] == 1955
+    assert TrainConfig.for_dataset("colored_digits").max_epochs == 150
+    assert TrainConfig.for_dataset("colored_mnist").max_epochs == 300
+    assert TrainConfig.for_dataset("modelnet40").full_acc_steps is None  # the paper's epochs
 
 
 def test_a_stop_rule_in_steps_is_a_new_run_and_its_absence_is_not():
@@ -84,7 +95,7 @@ def test_a_custom_models_run_name_is_pinned_too():
 
 def test_the_identity_is_the_flat_dict_of_before():
     """TrainConfig.identity() as d90399c computed it: the shared fields and the method's own settings, flat."""
-    guided = TrainConfig.for_dataset("colored_digits", algorithm="guided").identity()
+    guided = TrainConfig.for_dataset("colored_digits", algorithm="guided", full_acc_steps=None).identity()
     assert guided == {"algorithm": "guided", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "l1": 0.0,
                       "plateau_factor": 0.3, "plateau_patience": 10, "plateau_threshold": 1e-3, "min_lr": 1e-6,
                       "full_acc_epochs": 5, "warmup_epochs": 1, "epsilon": 0.1, "window": 5, "seed": 0,

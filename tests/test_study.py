@@ -369,3 +369,25 @@ def test_ray_executor_matches_local(local_pair, dirs, tmp_path):
     for a, b in zip(local, result.records):
         assert a["run_name"] == b["run_name"]
         assert {k: b[k] for k in RESULTS if not same(a[k], b[k])} == {}
+
+
+def test_l1_term_pulls_every_weight_towards_zero():
+    """The penalty is added, not subtracted: its gradient is +lambda * sign(theta), so a step with no data gradient
+    shrinks every nonzero weight's magnitude by lr * lambda (issue 16: a flipped sign must fail a test)."""
+    from greedymm.training.callbacks import L1Term
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.5, -0.25, 0.0], [-1.0, 2.0, 0.125]]))
+        model[0].bias.copy_(torch.tensor([0.3, -0.7]))
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    weighted, logged = L1Term(0.1)(model)
+    assert logged.item() == pytest.approx(0.5 + 0.25 + 1.0 + 2.0 + 0.125 + 0.3 + 0.7)
+    assert weighted.item() == pytest.approx(0.1 * logged.item()) and weighted.item() > 0
+    weighted.backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 0.1 * torch.sign(before[k]))
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    for k, p in model.named_parameters():
+        nonzero = before[k] != 0
+        assert (p.detach().abs() < before[k].abs())[nonzero].all()  # every nonzero weight moved towards 0

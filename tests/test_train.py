@@ -22,6 +22,7 @@ from greedymm.models import MMTM, FusionMode, mmtm_convnet
 from greedymm.plots import plot_d_speed
 from greedymm.runtime import amp_dtype
 from greedymm.training import NonFiniteLossError, RunSettingsError, Trainer, load_checkpoint, read_steps, train
+from greedymm.training.trainer import full_acc_steps
 
 
 def make_cfg(tmp_path, options=None, **kw):
@@ -100,6 +101,23 @@ def test_stops_after_full_training_accuracy_epochs(tmp_path):
     assert res.stop_reason == "full_train_acc"
     assert sum(e["train_acc"] == 1.0 for e in res.history) == 2
     assert len(res.history) < 60 and res.history[-1]["train_acc"] == 1.0
+
+
+def test_the_stop_rule_can_count_steps(tmp_path):
+    """SPEC Sec. 10: with full_acc_steps, the epochs at 100% training accuracy must hold that many steps: 2 batches an
+    epoch and 5 steps stop after 3 such epochs (6 steps), where full_acc_epochs=2 alone would stop after 2."""
+    easy = ToyLoader(16, batch_size=8, signal1=3.0)
+    res = train(fresh_model(), easy, make_cfg(tmp_path, lr=0.1, momentum=0.9, max_epochs=60, full_acc_epochs=2,
+                                              full_acc_steps=5))
+    assert res.stop_reason == "full_train_acc"
+    full = [e for e in res.history if e["train_acc"] == 1.0]
+    assert len(full) == 3 and res.history[-1]["train_acc"] == 1.0
+    assert full_acc_steps(res.history) == 6
+    assert full_acc_steps([{"step": 9, "train_acc": 1.0}, {"step": 18, "train_acc": 0.5},
+                           {"step": 27, "train_acc": 1.0}]) == 18  # by hand: the first and the third epoch
+    resumed = train(fresh_model(), easy, make_cfg(tmp_path, lr=0.1, momentum=0.9, max_epochs=60, full_acc_epochs=2,
+                                                  full_acc_steps=5))
+    assert resumed.steps_this_call == 0 and resumed.stop_reason == "full_train_acc"  # a finished run stays finished
 
 
 def test_plateau_scheduler_lowers_the_lr(tmp_path, toy_loaders):

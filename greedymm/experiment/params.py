@@ -15,6 +15,7 @@ import torch
 from .. import __version__
 from ..config import DataConfig, TrainConfig
 from ..methods.base import methods
+from ..models.zoo import model_factory
 from ..runtime import default_device
 from ..study.executors import EXECUTORS, Executor, make_executor
 from ..study.grid import Study
@@ -32,7 +33,7 @@ TABLE_PARAMETERS: Dict[str, Tuple[str, bool, Any]] = {
     "CKPT_DIR": ("str", False, "checkpoints"), "RESUME": ("bool", False, True), "EVAL_TEST": ("bool", False, True),
     "NUM_WORKERS": ("int", False, 2), "EMBEDDED_PER_CLASS": ("int", False, 120),
     "EMBEDDED_TEST_PER_CLASS": ("int", False, 40), "PRECISION": ("str", False, "auto"),
-    "PROGRESS": ("bool", False, True),
+    "PROGRESS": ("bool", False, True), "MODEL": ("str", False, ""),
 }
 # paper_studies.ipynb's parameters; the sweeps' grids (SENS_EPSILONS, ...) follow SENSITIVITY (`sweep_parameters`).
 STUDY_PARAMETERS: Dict[str, Tuple[str, bool, Any]] = {
@@ -161,6 +162,7 @@ class ExperimentPlan:
     seeds: List[int] = field(default_factory=list)  # one run per row and seed
     resume: bool = True  # continue runs from their last checkpoint
     progress: bool = True  # tqdm bars
+    model: str = ""  # "" = the dataset's model; or "module:function", a function num_classes -> two-branch model
 
 
 def experiment_plan(values: Mapping[str, Any]) -> ExperimentPlan:
@@ -198,8 +200,10 @@ def experiment_plan(values: Mapping[str, Any]) -> ExperimentPlan:
         v["DATASET"], log_dir=v["LOG_DIR"], ckpt_dir=v["CKPT_DIR"], precision=v.get("PRECISION", "auto"),
         eval_test=v.get("EVAL_TEST", True), options=options,
         **given(lr=v.get("LR"), momentum=v.get("MOMENTUM"), max_epochs=v.get("MAX_EPOCHS")))
+    model = v.get("MODEL", "")
+    model_factory(model)  # a bad name fails here, with the names allowed, not in the first run
     return ExperimentPlan(data, train, [a for a in allowed if a in chosen], [int(s) for s in v["SEEDS"]],
-                          v.get("RESUME", True), v.get("PROGRESS", True))
+                          v.get("RESUME", True), v.get("PROGRESS", True), model)
 
 
 @dataclass

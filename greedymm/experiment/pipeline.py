@@ -17,6 +17,7 @@ from ..data.loader import build_loaders, prepare_data
 from ..data.registry import get_dataset
 from ..io import save_figure, save_json
 from ..methods.base import get_method, methods
+from ..models.zoo import model_factory
 from ..plots import pick_examples, plot_d_speed, plot_d_util, plot_learning_curves, plot_pairs, plot_views
 from ..runtime import default_device
 from ..training.logs import read_steps
@@ -105,7 +106,8 @@ class Experiment:
         """
         plan = self.plan
         self.runs, self.runs_cur = run_all(self.data, plan.train, plan.algorithms, plan.seeds, self.device,
-                                           plan.resume, progress=plan.progress, callback=report)
+                                           plan.resume, model_factory(plan.model), plan.model,
+                                           progress=plan.progress, callback=report)
         return self.runs
 
     def curves(self) -> None:
