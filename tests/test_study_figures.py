@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from greedymm.study import (plot_cls_cur, plot_pair_kinds, plot_regularization, plot_sensitivity, spearman,
-                            summary_table)
+from greedymm.study import (cls_cur_correlations, cls_cur_population, plot_cls_cur, plot_pair_kinds,
+                            plot_regularization, plot_sensitivity, spearman, summary_table)
 from greedymm.study.figures import rank
 from greedymm.study.records import append_record, read_records
 
@@ -74,9 +74,23 @@ def test_cls_cur_figure_prints_spearman(records):
     text = next(t for t in ax.texts if t.get_gid() == "spearman").get_text()
     # the 4 runs with both figures: d_util (0.5, 0.3, -0.2, -0.1), d_speed (0.4, 0.1, -0.3, 0.2)
     # ranks (4, 3, 1, 2) and (4, 2, 1, 3): d = (0, 1, 0, -1), rho = 1 - 6 * 2 / (4 * 15) = 0.8
-    assert text == "Spearman ρ = +0.80 (n = 4)"
+    # within distinct: d_util (0.5, 0.3, -0.2) and d_speed (0.4, 0.1, -0.3) have the same order: +1; identical has 1
+    assert text == "Spearman all: ρ = +0.80 (n = 4)\ndistinct: ρ = +1.00 (n = 3)\nidentical: ρ = +nan (n = 1)"
     xy = np.concatenate([c.get_offsets() for c in ax.collections if c.get_gid()])
     assert sorted(map(tuple, np.round(xy, 6))) == [(-0.2, -0.3), (-0.1, 0.2), (0.3, 0.1), (0.5, 0.4)]
+
+
+def test_the_cls_cur_population_is_unregularized_vanilla_with_a_defined_d_util(records):
+    extra = [rec(l1=1e-3, d_util=-0.9, d_speed=0.9),  # regularized: out
+             rec(algorithm="guided", d_util=0.9, d_speed=-0.9),  # guided steers its own speeds: out
+             rec(d_util=math.nan, d_speed=0.5, d_util_undefined="branch 1 at chance: ..."),  # undefined: out
+             rec(d_util=0.0, d_speed=-0.5, d_util_undefined="fusion collapsed: ...")]  # marked: out even if 0
+    population = cls_cur_population(records + extra)
+    assert len(population) == 4 and all(r["algorithm"] == "vanilla" and not r["l1"] for r in population)
+    correlations = cls_cur_correlations(records + extra)
+    assert correlations["all"] == (pytest.approx(0.8), 4) and correlations["distinct"] == (pytest.approx(1.0), 3)
+    text = next(t for t in plot_cls_cur(records + extra).axes[0].texts if t.get_gid() == "spearman").get_text()
+    assert text.endswith("(2 with d_util undefined left out)")
 
 
 def test_regularization_figure_means_and_stds_over_seeds():
@@ -97,6 +111,24 @@ def test_regularization_figure_means_and_stds_over_seeds():
     np.testing.assert_allclose(caps, sorted([0.0, 0.2, -0.1, -0.5, -0.9, -0.7]), atol=1e-12)
     assert ax_rho.get_xscale() == "symlog"  # lambda = 0 is on the axis
     assert "τ = 0.001" in ax_rho.get_title()
+
+
+def test_regularization_figure_draws_the_last_checkpoint_and_leaves_undefined_runs_out():
+    records = [rec(l1=lam, seed=s, d_util=du, d_util_last=dl, d_util_undefined=why)
+               for lam, s, du, dl, why in [(0.0, 0, -0.4, -0.2, ""), (0.0, 1, -0.6, -0.4, ""),
+                                           (1e-3, 0, -0.8, -0.6, ""), (1e-3, 1, math.nan, 0.0, "branch 1 at chance"),
+                                           (3e-3, 0, math.nan, math.nan, "fusion collapsed"),
+                                           (3e-3, 1, math.nan, math.nan, "fusion collapsed")]]
+    ax_util = plot_regularization(records).axes[1]
+    best = lines(ax_util, "d_util:")["d_util:modelnet40:distinct"]
+    np.testing.assert_allclose(best.get_xdata(), [0.0, 1e-3])  # 3e-3 has no defined d_util
+    np.testing.assert_allclose(best.get_ydata(), [-0.5, -0.8])  # the undefined seed of 1e-3 is left out, not 0
+    last = lines(ax_util, "d_util_last:")["d_util_last:modelnet40:distinct"]
+    np.testing.assert_allclose(last.get_ydata(), [-0.3, -0.3])  # (-0.6 + 0.0) / 2 at 1e-3: no reason recorded
+    marks = {t.get_gid(): t.get_text() for t in ax_util.texts if (t.get_gid() or "").startswith("undefined:")}
+    assert marks == {"undefined:d_util:0.001": "1 undef.", "undefined:d_util:0.003": "2 undef."}
+    table = summary_table(records, ("l1",), ("d_util",))
+    assert "| 0.003 | n/a, 2 undefined |" in table and "| 0.001 | -0.800 ± 0.000 (1), 1 undefined |" in table
 
 
 def test_sensitivity_figure_sweeps(records):
@@ -198,5 +230,14 @@ def test_notebook_settings_are_checked():
                                  "EXECUTOR": "processes", "WORKERS": 2})
     assert list(plan.studies) == ["regularization"]
     reg = plan.studies["regularization"]
-    assert reg.data == {"image_size": 32, "embedded_per_class": 4} and reg.grids[0].l1s == (0, 0.001)
+    # the paper's optimizer on every dataset: batch 8 (the other studies' batch size does not reach it), no momentum
+    assert reg.data == {"image_size": 32, "embedded_per_class": 4, "batch_size": 8} and reg.grids[0].l1s == (0, 0.001)
+    assert reg.train["momentum"] == 0.0 and reg.grids[0].lrs == (0.05,)
+    sized = plan_from_parameters({**NOTEBOOK, "DATASET": "embedded", "IMAGE_SIZE": 32, "BATCH_SIZE": 16,
+                                  "EMBEDDED_PER_CLASS": 40, "MAX_EPOCHS": 12, "REG_IMAGE_SIZE": 48,
+                                  "REG_EMBEDDED_PER_CLASS": 120, "REG_MAX_EPOCHS": 20})
+    reg, greedy = sized.studies["regularization"], sized.studies["greedy_learner"]
+    assert reg.data == {"image_size": 48, "batch_size": 8, "embedded_per_class": 120}
+    assert reg.train == {"max_epochs": 20, "momentum": 0.0} and reg.grids[0].lrs == (0.1,)
+    assert greedy.data == {"image_size": 32, "batch_size": 16, "embedded_per_class": 40}
     assert plan.executor.name == "processes" and plan.executor.workers == 2

@@ -28,7 +28,10 @@ def test_studies_notebook_runs(tmp_path):
         lines = Path(study["runs_jsonl"]).read_text().splitlines()
         assert len(lines) == study["runs"] and all(json.loads(x)["status"] == "ok" for x in lines)
     figures = [Path(p) for s in summary.values() for p in s["figures"].values()]
-    assert sorted(p.stem for p in figures) == ["cls_cur", "cls_cur", "pairs", "regularization", "sensitivity"]
+    assert sorted(p.stem for p in figures) == ["cls_cur", "pairs", "regularization", "sensitivity"]
+    cls_cur = json.loads((tmp_path / "logging" / "studies" / "summary.json").read_text())["cls_cur"]
+    figures.append(Path(cls_cur["figure"]))  # the pooled population's CLS -> CUR figure
+    assert cls_cur["all"]["n"] <= 3 and set(cls_cur) >= {"figure", "all"}  # 2 greedy + the lambda = 0 run
     assert all(p.stat().st_size > 5000 for p in figures)
     executed = json.loads((tmp_path / "out.ipynb").read_text())
     outputs = [o for c in executed["cells"] for o in c.get("outputs", [])]

@@ -43,7 +43,9 @@ STUDY_PARAMETERS: Dict[str, Tuple[str, bool, Any]] = {
     "GREEDY": ("bool", False, True), "GREEDY_LRS": ("list[float]", True, None),
     "GREEDY_SEEDS": ("list[int]", True, None), "GREEDY_PAIRS": ("list[str]", False, ["distinct", "identical"]),
     "REGULARIZATION": ("bool", False, True), "REG_L1S": ("list[float]", True, None), "REG_LR": ("float", True, None),
-    "REG_SEEDS": ("list[int]", False, [0, 1, 2]), "TAU": ("float", False, 0.001),
+    "REG_SEEDS": ("list[int]", False, [0, 1, 2]), "REG_IMAGE_SIZE": ("int", True, None),
+    "REG_EMBEDDED_PER_CLASS": ("int", True, None), "REG_MAX_EPOCHS": ("int", True, None),
+    "TAU": ("float", False, 0.001),
     "SENSITIVITY": ("bool", False, True), "SENS_SEEDS": ("list[int]", False, [0, 1, 2]),
     "EXECUTOR": ("str", False, "local"), "WORKERS": ("int", True, None), "THREADS": ("int", True, None),
     "RUNS_PER_GPU": ("int", False, 1), "RAY_ADDRESS": ("str", True, None), "RAY_CPUS_PER_RUN": ("float", False, 1),
@@ -241,6 +243,11 @@ def study_plan(values: Mapping[str, Any]) -> StudyPlan:
                  if v.get(p) is not None and k in own})
     train: Dict[str, Any] = {"max_epochs": v["MAX_EPOCHS"]} if v.get("MAX_EPOCHS") is not None else {}
     shared = dict(data=data, train=train, tau=v.get("TAU", 1e-3), model=v.get("MODEL", ""))
+    # the regularization study's own data size and budget (its optimizer, batch 8 without momentum, needs more)
+    reg_data = {**data, **{k: v[p] for k, p in (("image_size", "REG_IMAGE_SIZE"),
+                                                 ("embedded_per_class", "REG_EMBEDDED_PER_CLASS"))
+                           if v.get(p) is not None and (k == "image_size" or k in own)}}
+    reg_train = {**train, **({"max_epochs": v["REG_MAX_EPOCHS"]} if v.get("REG_MAX_EPOCHS") is not None else {})}
 
     def given(seq: Any) -> Optional[tuple]:
         return tuple(seq) if seq is not None else None
@@ -254,7 +261,7 @@ def study_plan(values: Mapping[str, Any]) -> StudyPlan:
     if v.get("REGULARIZATION", True):
         studies["regularization"] = regularization(dataset, l1s=given(v.get("REG_L1S")),
                                                    seeds=tuple(v.get("REG_SEEDS", (0, 1, 2))), lr=v.get("REG_LR"),
-                                                   **shared)
+                                                   **{**shared, "data": reg_data, "train": reg_train})
     if v.get("SENSITIVITY", True):
         sweeps = {setting: given(v.get(name)) for name, (setting, _) in sweep_parameters().items()}
         studies["sensitivity"] = sensitivity(dataset, sweeps=sweeps, seeds=tuple(v.get("SENS_SEEDS", (0, 1, 2))),

@@ -128,19 +128,25 @@ class Run:
                 "history": result.history, "log_dir": str(result.log_dir), "best_path": str(result.best_path),
                 "precision": cfg.precision, "model_name": self.model_name}
 
-    def utilization(self, record: dict) -> dict:
-        """Evaluate the best checkpoint on the test set: for two-branch runs, cut the fusion for the CUR and d_util
-        (SPEC Sec. 7); for uni-modal runs, the test accuracy (no CUR applies).
+    def utilization(self, record: dict, checkpoint: str = "best") -> dict:
+        """Evaluate a checkpoint (the best, as the paper does) on the test set: for two-branch runs, cut the fusion for
+        the CUR and d_util (SPEC Sec. 7); for uni-modal runs, the test accuracy (no CUR applies).
 
         Args:
             record: the output of `train`.
+            checkpoint: "best" (best.pt) or "last" (last.pt, e.g. for the regularization study, SPEC Sec. 11).
         Returns:
             `record` without its history, plus acc, acc0, acc1, acc0_cut, acc1_cut, u_m1_m0, u_m0_m1 and d_util (NaN
-            where they do not apply); also written to logging/<run>/cur.json.
+            where they do not apply or are undefined, with d_util_undefined saying why); also written to
+            logging/<run>/cur.json (cur_last.json for the last checkpoint).
         """
+        if checkpoint not in ("best", "last"):
+            raise ValueError(f"checkpoint={checkpoint!r} is unknown; allowed: 'best', 'last'")
+        path = Path(record["best_path"])
         model, loaders, device = self.model, self.loaders, self.device
         set_channels_last(model, False)  # evaluated as a freshly built model would be
-        model.load_state_dict(load_checkpoint(record["best_path"], map_location=device)["model"])
+        model.load_state_dict(load_checkpoint(path if checkpoint == "best" else path.with_name("last.pt"),
+                                              map_location=device)["model"])
         dtype = amp_dtype(device, record.get("precision", "auto"))
         nan = math.nan
         if is_two_branch(model):
@@ -150,7 +156,7 @@ class Run:
             cur = {"acc": res["acc"], "acc0": nan, "acc1": nan, "acc0_cut": nan, "acc1_cut": nan, "u_m1_m0": nan,
                    "u_m0_m1": nan, "d_util": nan, "fusion_spread": nan, "chance": nan, "d_util_undefined": ""}
         out = {**{k: v for k, v in record.items() if k != "history"}, **cur}
-        save_json(out, Path(record["log_dir"]) / "cur.json")
+        save_json(out, Path(record["log_dir"]) / ("cur.json" if checkpoint == "best" else "cur_last.json"))
         return out
 
     def measure(self, resume: bool = True, callback: Optional[Callable[[dict], None]] = None) -> Tuple[dict, dict]:

@@ -1,6 +1,6 @@
 """The studies' figures from runs.jsonl records (paper Figs. 2, 4, 8, 9; SPEC Sec. 11): d_util and d_speed for
-identical versus distinct pairs, d_speed against d_util with Spearman's rank correlation, d_util, d_speed and rho
-against lambda, and guided's accuracy and d_util against epsilon and W. Figures are built without pyplot.
+identical versus distinct pairs, d_speed against d_util over a stated population, rho and d_util (best and last
+checkpoint, undefined runs marked) against lambda, and the sensitivity sweeps. Figures are built without pyplot.
 """
 from __future__ import annotations
 
@@ -12,49 +12,16 @@ from matplotlib.figure import Figure
 
 from ..methods.base import Sweep, get_method, methods
 from .records import ok_records
+from .stats import cls_cur_correlations, cls_cur_population, mean_std, rank, spearman, undefined_count
+
+__all__ = ["plot_cls_cur", "plot_pair_kinds", "plot_regularization", "plot_sensitivity", "rank", "spearman",
+           "study_figures", "summary_table"]
 
 PAIR_COLORS = {"distinct": "tab:red", "identical": "tab:blue"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
 # Axis labels of the records' figures; the methods' swept settings add theirs (`labels`).
 LABELS = {"d_util": "$d_\\mathrm{util}$", "d_speed": "$d_\\mathrm{speed}$", "rho": "$\\rho$",
           "acc": "test accuracy", "l1": "$\\lambda$"}
-
-
-def rank(values: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n of the values, ties sharing their average rank."""
-    a = np.asarray(values, dtype=float)
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(1, len(a) + 1)
-    uniq, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    if (counts > 1).any():
-        sums = np.bincount(inverse, weights=ranks)
-        ranks = (sums / counts)[inverse]
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the ranks (ties averaged); NaN if undefined.
-
-    Args:
-        x, y: paired values (same length).
-    Returns:
-        The correlation in [-1, 1], or NaN with fewer than 2 pairs or a constant variable.
-    """
-    if len(x) != len(y):
-        raise ValueError(f"spearman: x has {len(x)} values and y {len(y)}; they must be paired")
-    if len(x) < 2:
-        return math.nan
-    rx, ry = rank(x), rank(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
-
-
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and standard deviation (over seeds; population std, 0 for one value)."""
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std())
 
 
 def pair_order(labels: Sequence[str]) -> List[str]:
@@ -119,15 +86,16 @@ def plot_pair_kinds(records: Sequence[dict], keys: Sequence[str] = ("d_util", "d
 
 
 def plot_cls_cur(records: Sequence[dict]) -> Figure:
-    """"CLS predicts CUR": d_speed against d_util over all runs, with Spearman's rank correlation printed.
+    """"CLS predicts CUR": d_speed against d_util over the population `cls_cur_population` states (vanilla,
+    unregularized, defined d_util), with Spearman's rank correlation over all of it and within each pair kind.
 
     Args:
-        records: runs.jsonl records (failed runs and NaN values are left out).
+        records: runs.jsonl records of one or several studies (the rest of them is left out, and counted).
     Returns:
         The figure. Points carry gid "points:<dataset>:<pair>", the correlation text gid "spearman".
     """
-    rs = ok_records(records, ("d_util", "d_speed"))
-    fig = Figure(figsize=(5.4, 4.4), layout="constrained")
+    rs = cls_cur_population(records)
+    fig = Figure(figsize=(5.6, 4.6), layout="constrained")
     ax = fig.subplots()
     datasets = sorted({r["dataset"] for r in rs})
     for d, dataset in enumerate(datasets):
@@ -136,14 +104,18 @@ def plot_cls_cur(records: Sequence[dict]) -> Figure:
             ax.scatter([r["d_util"] for r in pts], [r["d_speed"] for r in pts], s=24, alpha=0.75,
                        marker=MARKERS[d % len(MARKERS)], color=PAIR_COLORS.get(label, f"C{p + 2}"),
                        label=f"{dataset}, {label}" if len(datasets) > 1 else label, gid=f"points:{dataset}:{label}")
-    rho = spearman([r["d_util"] for r in rs], [r["d_speed"] for r in rs])
-    ax.text(0.03, 0.97, f"Spearman ρ = {rho:+.2f} (n = {len(rs)})", transform=ax.transAxes, va="top",
-            fontsize=11, gid="spearman", bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+    lines = [f"{k}: ρ = {rho:+.2f} (n = {n})" for k, (rho, n) in cls_cur_correlations(records).items()]
+    vanilla = [r for r in records if r.get("status") == "ok" and r.get("algorithm") == "vanilla" and not r.get("l1")]
+    dropped = undefined_count(vanilla)
+    if dropped:
+        lines.append(f"({dropped} with d_util undefined left out)")
+    ax.text(0.03, 0.97, "Spearman " + "\n".join(lines), transform=ax.transAxes, va="top", fontsize=9, gid="spearman",
+            bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
     ax.axhline(0.0, color="gray", lw=0.8, ls=":")
     ax.axvline(0.0, color="gray", lw=0.8, ls=":")
     ax.set_xlabel(f"{LABELS['d_util']} (test set, best checkpoint)")
     ax.set_ylabel(f"{LABELS['d_speed']} (at the best epoch)")
-    ax.set_title("conditional learning speed vs. conditional utilization")
+    ax.set_title("CLS vs. CUR: vanilla runs without L1, d_util defined", fontsize=10)
     if rs:
         ax.legend(loc="lower right", fontsize=8)
     else:
@@ -159,45 +131,60 @@ def _series(records: Sequence[dict], x_key: str, y_key: str) -> Tuple[np.ndarray
 
 
 def plot_regularization(records: Sequence[dict], tau: Optional[float] = None) -> Figure:
-    """Figs. 4 and 8: rho, d_util and d_speed against the L1 strength lambda, mean +- std over seeds.
+    """Figs. 4 and 8: rho, d_util and d_speed against the L1 strength lambda, mean +- std over seeds. d_util is drawn
+    at the best checkpoint (solid) and at the last one (dashed); runs whose d_util is undefined (a head at chance, a
+    collapsed fusion) are left out of the means and counted above the axis ("k undef.").
 
     Args:
         records: runs.jsonl records (failed runs and NaN values are left out).
         tau: the sparsity threshold, for the title (the records' own tau when None).
     Returns:
-        The figure, three panels; each curve's line carries gid "<figure>:<dataset>:<pair>".
+        The figure, three panels; each curve's line carries gid "<figure>:<dataset>:<pair>" (the last checkpoint's
+        d_util "d_util_last:<dataset>:<pair>"), the undefined counts gid "undefined:<key>:<lambda>".
     """
     ok = ok_records(records, ("l1",))
-    panels = ("rho", "d_util", "d_speed")
-    fig = Figure(figsize=(4.2 * len(panels), 3.5), layout="constrained")
+    panels = (("rho",), ("d_util", "d_util_last"), ("d_speed",))
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     groups = sorted({(r["dataset"], r["pair"]) for r in ok}, key=lambda g: (g[0], pair_order([g[1]])))
     several = len({g[0] for g in groups}) > 1
     if tau is None:
         taus = {r.get("tau") for r in ok}
         tau = taus.pop() if len(taus) == 1 else None
-    for ax, key in zip(axes, panels):
+    for ax, keys in zip(axes, panels):
         shown = False
         for n, (dataset, pair) in enumerate(groups):
-            rs = ok_records([r for r in ok if r["dataset"] == dataset and r["pair"] == pair], (key,))
-            if not rs:
-                continue
-            xs, means, stds = _series(rs, "l1", key)
-            bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=PAIR_COLORS.get(pair, f"C{n}"),
-                               label=f"{dataset}, {pair}" if several else pair)
-            bars.lines[0].set_gid(f"{key}:{dataset}:{pair}")  # the curve of means (caps and bars carry none)
-            shown = True
+            group = [r for r in ok if r["dataset"] == dataset and r["pair"] == pair]
+            for key in keys:
+                rs = ok_records(group, (key,))
+                if not rs:
+                    continue
+                xs, means, stds = _series(rs, "l1", key)
+                last = key.endswith("_last")
+                name = f"{dataset}, {pair}" if several else pair
+                bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, ls="--" if last else "-",
+                                   color=PAIR_COLORS.get(pair, f"C{n}"), mfc="white" if last else None,
+                                   label=name + (" (last checkpoint)" if last else " (best)" if len(keys) > 1 else ""))
+                bars.lines[0].set_gid(f"{key}:{dataset}:{pair}")  # the curve of means (caps and bars carry none)
+                shown = True
+            if keys[0] == "d_util":
+                for lam in sorted({r["l1"] for r in group}):
+                    k = undefined_count([r for r in group if r["l1"] == lam])
+                    if k:
+                        ax.annotate(f"{k} undef.", (lam, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                                    va="top", fontsize=7, color="gray", gid=f"undefined:d_util:{lam:g}")
         if shown:
             _log_x(ax, [r["l1"] for r in ok])
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
         else:
-            _empty(ax, key)
-        if key != "rho":
+            _empty(ax, keys[0])
+        if keys[0] != "rho":
             ax.axhline(0.0, color="gray", lw=0.8, ls=":")
         ax.set_xlabel(f"{LABELS['l1']} (L1 strength)")
-        ax.set_ylabel(LABELS[key])
-        title = "sparsity ρ = share of |θ| < τ" + (f" = {tau:g}" if tau else "") if key == "rho" else LABELS[key]
-        ax.set_title(title)
+        ax.set_ylabel(LABELS[keys[0]])
+        title = ("sparsity ρ = share of |θ| < τ" + (f" = {tau:g}" if tau else "")) if keys[0] == "rho" else \
+            LABELS[keys[0]] + (" (undefined runs left out)" if keys[0] == "d_util" else "")
+        ax.set_title(title, fontsize=10)
     return fig
 
 
@@ -275,7 +262,8 @@ def summary_table(records: Sequence[dict], by: Sequence[str], keys: Sequence[str
         by: the record fields that form the groups, e.g. ("dataset", "pair") or ("l1",).
         keys: the figures to aggregate, e.g. ("d_util", "d_speed").
     Returns:
-        Markdown text: one row per group (in sorted order) with "mean ± std (n)" per key.
+        Markdown text: one row per group (in sorted order) with "mean ± std (n)" per key, and for d_util the
+        number of runs whose d_util is undefined ("…, 2 undefined"), which the mean leaves out.
     """
     ok = [r for r in records if r.get("status") == "ok"]
 
@@ -293,7 +281,9 @@ def summary_table(records: Sequence[dict], by: Sequence[str], keys: Sequence[str
         cells = [f"{x:g}" if isinstance(x, float) else str(x) for x in g]
         for k in keys:
             vals = [r[k] for r in ok_records(rs, (k,))]
-            cells.append("n/a" if not vals else "{:+.3f} ± {:.3f} ({})".format(*mean_std(vals), len(vals)))
+            cell = "n/a" if not vals else "{:+.3f} ± {:.3f} ({})".format(*mean_std(vals), len(vals))
+            undefined = undefined_count(rs, k) if k.startswith("d_util") else 0
+            cells.append(cell + (f", {undefined} undefined" if undefined else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

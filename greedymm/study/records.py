@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 
 RUNS_FILE = "runs.jsonl"
 # What a record keeps of a run's measured record (the history and the paths of the run stay in its own folder).
-RECORD_FIELDS = ("acc", "acc0", "acc1", "acc0_cut", "acc1_cut", "u_m1_m0", "u_m0_m1", "d_util", "d_speed", "val_acc",
-                 "test_acc", "test_acc0", "test_acc1", "best_epoch", "steps", "steps_this_call", "stop_reason",
-                 "precision", "log_dir", "best_path")
+RECORD_FIELDS = ("acc", "acc0", "acc1", "acc0_cut", "acc1_cut", "u_m1_m0", "u_m0_m1", "d_util", "d_util_undefined",
+                 "fusion_spread", "d_speed", "val_acc", "test_acc", "test_acc0", "test_acc1", "best_epoch", "steps",
+                 "steps_this_call", "stop_reason", "precision", "log_dir", "best_path")
+# What a record keeps of the last checkpoint's CUR (SPEC Sec. 11: d_util at the best and at the last checkpoint), each
+# with the suffix "_last".
+LAST_FIELDS = ("acc", "acc0", "acc1", "u_m1_m0", "u_m0_m1", "d_util", "d_util_undefined", "fusion_spread")
 
 
 def study_dir(log_dir: Union[str, Path], name: str) -> Path:
@@ -60,8 +63,9 @@ def execute_run(spec: RunSpec, device: Optional[Union[str, torch.device]] = None
         device: where to train; CUDA when available if None.
         threads: torch CPU threads for this run (restored afterwards); None leaves them as they are.
     Returns:
-        spec.settings() plus status ("ok" or "failed"), the figures (RECORD_FIELDS, rho, train_time_s, epochs) or
-        the error and traceback, wall_s (this call), device and host.
+        spec.settings() plus status ("ok" or "failed"), the figures (RECORD_FIELDS of the best checkpoint, LAST_FIELDS
+        of the last one with the suffix "_last", rho, train_time_s, epochs) or the error and traceback, wall_s (this
+        call), device and host.
     """
     previous = torch.get_num_threads()
     if threads is not None:
@@ -79,6 +83,9 @@ def execute_run(spec: RunSpec, device: Optional[Union[str, torch.device]] = None
             history = trained.get("history") or []
             record["epochs"] = len(history)
             record["train_time_s"] = float(sum(e.get("time", 0.0) for e in history))
+            if run.method.multimodal:  # the last checkpoint too: the best one hides what training ended with
+                last = run.utilization(trained, checkpoint="last")
+                record.update({f"{k}_last": last.get(k, math.nan) for k in LAST_FIELDS})
             record["rho"] = run.sparsity(out["best_path"], spec.tau)
             record["status"] = "ok"
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
@@ -122,7 +122,9 @@ def record_line(record: dict) -> str:
     if record["status"] != "ok":
         return f"{record['run_name']}: FAILED {record['error']}"
     return (f"{record['run_name']}: {record['pair']}, lr {record['lr']:g}, lambda {record['l1']:g}: "
-            f"acc {record['acc']:.3f}, d_util {record['d_util']:+.3f}, d_speed {record['d_speed']:+.3f}, "
+            f"acc {record['acc']:.3f}, d_util {record['d_util']:+.3f}"
+            + (f" (undefined: {record['d_util_undefined']})" if record.get("d_util_undefined") else "")
+            + f", d_speed {record['d_speed']:+.3f}, "
             f"rho {record['rho']:.3f} ({record['steps_this_call']} steps now, {record['wall_s']:.0f} s)")
 
 
@@ -136,7 +138,7 @@ def study_table(key: str, records: Sequence[dict]) -> str:
     """The table the studies notebook shows under a study of its plan ("greedy_learner", "regularization",
     "sensitivity"): the figures' numbers by pair kind, by lambda, or by method and swept setting."""
     by, keys = {"greedy_learner": (("dataset", "pair"), ("d_util", "d_speed", "acc")),
-                "regularization": (("l1",), ("rho", "d_util", "d_speed", "acc"))}.get(
+                "regularization": (("l1",), ("rho", "d_util", "d_util_last", "d_speed", "acc"))}.get(
         key, (("algorithm", *swept_settings()), ("acc", "d_util")))
     return summary_table(records, by, keys)
 
@@ -148,7 +150,9 @@ def result_summary(result: StudyResult, wall_s: float) -> dict:
             "figures": {k: str(p) for k, p in result.figure_paths.items()}}
 
 
-def write_summary(log_dir: Union[str, Path], dataset: str, executor: str, results: Dict[str, dict]) -> Path:
-    """Write log_dir/studies/summary.json: the dataset, the executor and each study's `result_summary`."""
-    summary = {"dataset": dataset, "executor": executor, "studies": results}
+def write_summary(log_dir: Union[str, Path], dataset: str, executor: str, results: Dict[str, dict],
+                  **extra: Any) -> Path:
+    """Write log_dir/studies/summary.json: the dataset, the executor, each study's `result_summary`, and `extra`
+    (e.g. cls_cur: the CLS -> CUR correlations over the pooled population)."""
+    summary = {"dataset": dataset, "executor": executor, "studies": results, **extra}
     return write_text(json.dumps(summary, indent=2), Path(log_dir) / "studies" / "summary.json")
