@@ -16,8 +16,8 @@ from .experiment.params import (experiment_plan, notebook_setup, parameter_defau
                                 study_plan)
 from .experiment.pipeline import report_line, run_table
 from .methods.base import methods
-from .study.figures import spearman
-from .study.runner import record_line, result_line, result_summary, run_study, study_table, write_summary
+from .study.runner import (POOLED, pooled_cls_cur, record_line, result_line, result_summary, run_study,
+                           study_table, write_summary)
 
 
 class SettingsError(ValueError):
@@ -100,7 +100,7 @@ def _study_plan(args: argparse.Namespace) -> Any:
 def _study(args: argparse.Namespace, dataset: str, plan: Any) -> int:
     _, version = notebook_setup(studies=True)
     print(version)
-    results = {}
+    results, pooled = {}, []
     for key, study in plan.studies.items():
         if args.only and key not in args.only:
             continue
@@ -112,10 +112,13 @@ def _study(args: argparse.Namespace, dataset: str, plan: Any) -> int:
         print(result_line(result, wall, plan.executor.name))
         results[key] = result_summary(result, wall)
         print(study_table(key, result.records))
-        if key == "greedy_learner":
-            ok = [r for r in result.records if r["status"] == "ok"]
-            results[key]["spearman_d_speed_d_util"] = spearman([r["d_util"] for r in ok], [r["d_speed"] for r in ok])
-    print(f"summary: {write_summary(plan.log_dir, dataset, plan.executor.name, results)}")
+        if key in POOLED:
+            pooled += result.records
+    cls_cur, _ = pooled_cls_cur(pooled, plan.log_dir)
+    for k, v in cls_cur.items():
+        if k != "figure":
+            print(f"CLS -> CUR, {k}: Spearman {v['spearman']:+.2f} over {v['n']} runs")
+    print(f"summary: {write_summary(plan.log_dir, dataset, plan.executor.name, results, cls_cur=cls_cur)}")
     return 0
 
 

@@ -91,4 +91,4 @@ def test_study_runs_the_notebooks_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "logging" / "studies" / "summary.json").read_text())
     assert list(summary["studies"]) == ["regularization"] and summary["studies"]["regularization"]["ran"] == 2
-    assert "| l1 | rho | d_util | d_speed | acc |" in out and "regularization_embedded: 2 runs recorded" in out
+    assert "| l1 | rho | d_util | d_util_last | d_speed | acc |" in out and "regularization_embedded: 2 runs recorded" in out

@@ -8,15 +8,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from matplotlib.figure import Figure
 
 from ..data.loader import prepare_data
 from ..io import save_figure, save_json, write_text
 from .executors import Executor, RayExecutor, executor_of
-from .figures import study_figures, summary_table
+from .figures import plot_cls_cur, study_figures, summary_table
 from .grid import RunSpec, Study, expand, swept_settings
+from .stats import cls_cur_correlations
 from .records import RUNS_FILE, append_record, finished_keys, latest, read_records, study_dir
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,28 @@ def result_summary(result: StudyResult, wall_s: float) -> dict:
     return {"study": result.study.name, "runs": len(result.records), "ran": result.ran, "skipped": result.skipped,
             "failed": len(result.failed), "wall_s": wall_s, "runs_jsonl": str(result.path),
             "figures": {k: str(p) for k, p in result.figure_paths.items()}}
+
+
+# The studies whose records form the CLS -> CUR population (their unregularized vanilla runs).
+POOLED = ("greedy_learner", "regularization")
+
+
+def pooled_cls_cur(records: Sequence[dict], log_dir: Union[str, Path]) -> Tuple[dict, Optional[Figure]]:
+    """CLS -> CUR over the pooled records of several studies (greedymm.study.stats.cls_cur_population): the figure,
+    saved as log_dir/studies/cls_cur_population.png, and Spearman's correlation overall and within each pair kind.
+
+    Args:
+        records: the studies' records (e.g. the greedy-learner and regularization studies').
+        log_dir: the runs' log root.
+    Returns:
+        ({"figure": path, "all": {"spearman", "n"}, "<pair>": {...}}, the figure), or ({}, None) without records.
+    """
+    if not records:
+        return {}, None
+    figure = plot_cls_cur(records)
+    out: Dict[str, Any] = {"figure": str(save_figure(figure, Path(log_dir) / "studies" / "cls_cur_population.png"))}
+    out.update({k: {"spearman": rho, "n": n} for k, (rho, n) in cls_cur_correlations(records).items()})
+    return out, figure
 
 
 def write_summary(log_dir: Union[str, Path], dataset: str, executor: str, results: Dict[str, dict],
