@@ -52,6 +52,14 @@ def test_summarize_counts_only_valid_seeds_and_names_failures():
     assert "n/a" in format_table({"guided": only_failed})
 
 
+def test_undefined_d_util_is_counted_not_averaged():
+    undefined = dict(fake_run("vanilla", 1, 0.5, math.nan), d_util_undefined="branch 1 at chance: ...")
+    row = summarize([fake_run("vanilla", 0, 0.9, -0.3), undefined])["vanilla"]
+    assert row["undefined"] == 1 and row["d_util"] == (-0.3, 0.0, 1)
+    assert "| -0.300 (1 undefined) |" in format_table({"vanilla": row})
+    assert "undefined" not in format_table(summarize([fake_run("vanilla", 0, 0.9, -0.3)]))
+
+
 def test_table_rows_in_the_papers_order_with_the_best_unimodal_marked():
     runs = [fake_run(a, 0, acc, 0.0) for a, acc in
             [("guided", 0.91), ("vanilla", 0.90), ("unimodal_m1", 0.88), ("rubi", 0.9), ("unimodal_m0", 0.89),

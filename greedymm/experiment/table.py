@@ -65,7 +65,8 @@ def summarize(runs: Sequence[dict], keys: Sequence[str] = SUMMARY_KEYS) -> Dict[
         runs: outputs of `run_one` (failed runs included) or `utilization_of_run`.
         keys: the figures to aggregate.
     Returns:
-        {algorithm: {"runs": n, "failed": [seeds], key: (mean, std, n_valid)}} in Table-1 order; a figure that is
+        {algorithm: {"runs": n, "failed": [seeds], "undefined": runs whose d_util is undefined, key: (mean, std,
+        n_valid)}} in Table-1 order; a figure that is
         NaN in a run (failed, or not applicable) is left out of that figure's mean and count; std is 0 for one
         value, and (nan, nan, 0) means no valid value.
     """
@@ -76,7 +77,8 @@ def summarize(runs: Sequence[dict], keys: Sequence[str] = SUMMARY_KEYS) -> Dict[
     for alg in table_order(list(by_alg)):
         rs = by_alg[alg]
         ok = [r for r in rs if r.get("status", "ok") == "ok"]
-        row: Dict[str, object] = {"runs": len(rs), "failed": [r["seed"] for r in rs if r not in ok]}
+        row: Dict[str, object] = {"runs": len(rs), "failed": [r["seed"] for r in rs if r not in ok],
+                                  "undefined": sum(1 for r in ok if r.get("d_util_undefined"))}
         for k in keys:
             vals = np.array([r.get(k, math.nan) for r in ok], dtype=float)
             vals = vals[np.isfinite(vals)]
@@ -103,7 +105,7 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
     Returns:
         Markdown text: mean ± std over valid seeds (the mean alone for one seed). "seeds" counts the runs whose
         figures are averaged, and names failed seeds; the better uni-modal row is marked "(best)" and carries the
-        paper's uni-modal (best) figure.
+        paper's uni-modal (best) figure; runs whose d_util is undefined are counted beside it ("(1 undefined)").
     """
     def pm(cell: tuple, scale: float = 1.0, digits: int = 3) -> str:
         mean, std, n = cell
@@ -124,6 +126,8 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
         name = f"{alg} (best)" if alg == best else alg
         cells = [name, seeds] + [pm(row[k], scale=100, digits=2) for k in ("acc", "acc0", "acc1")]
         cells += [pm(row[k]) for k in ("u_m1_m0", "u_m0_m1", "d_util", "d_speed")]
+        if row.get("undefined"):  # left out of the mean, never counted as 0 ("balanced")
+            cells[-2] += f" ({row['undefined']} undefined)"
         if paper:
             ref = paper.get("unimodal" if alg == best else alg, {}) if alg not in unimodal or alg == best else {}
             acc = f"{ref['acc'][0]:.2f} ± {ref['acc'][1]:.2f}" if "acc" in ref else ""
