@@ -155,8 +155,8 @@ def test_notebook_runs_all_six_rows_shows_every_figure_and_resumes(tmp_path, cap
     assert [Path(f).name for f in command["figures"]] == [Path(f).name for f in again["figures"]]
 
 
-@pytest.mark.parametrize("name, dataset, image_size, epochs", [("notebook_embedded.yaml", "embedded", 48, 5),
-                                                                ("notebook_digits.yaml", "colored_digits", 16, 30)])
+@pytest.mark.parametrize("name, dataset, image_size, epochs", [("notebook_embedded.yaml", "embedded", 48, 20),
+                                                                ("notebook_digits.yaml", "colored_digits", 16, 150)])
 def test_the_make_targets_settings_are_known_parameters_of_the_right_types(name, dataset, image_size, epochs):
     yaml = pytest.importorskip("yaml")  # papermill's own dependency
     values = yaml.safe_load((ROOT / name).read_text())

@@ -5,10 +5,13 @@ the learning curves and d_speed, the summary beside the paper's column, d_util, 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from ..config import TrainConfig
@@ -19,7 +22,7 @@ from ..io import save_figure, save_json
 from ..methods.base import get_method, methods
 from ..models.zoo import model_factory
 from ..plots import pick_examples, plot_d_speed, plot_d_util, plot_learning_curves, plot_pairs, plot_views
-from ..runtime import default_device
+from ..runtime import default_device, device_name
 from ..training.logs import read_steps
 from .params import ExperimentPlan
 from .runs import Device, run_all
@@ -63,6 +66,7 @@ class Experiment:
         self.results_path: Optional[Path] = None
         self.classes: List[str] = []  # the class names (after `prepare`)
         self.channels: Tuple[int, int] = (3, 3)  # input channels of m0 and m1 (after `prepare`)
+        self.start = time.perf_counter()  # the table's wall time runs from here to `finish`
 
     def figure(self, fig: Figure, name: str) -> None:
         """Save a figure beside the logs and show it."""
@@ -146,7 +150,13 @@ class Experiment:
         results = {"dataset": dataset, "views": list(self.data.views), "device": str(self.device),
                    "seeds": plan.seeds, "rows": plan.algorithms, "runs": self.runs_cur, "summary": self.table,
                    "figures": self.figures,
-                   "steps_this_call": sum(r.get("steps_this_call", 0) for r in self.runs if r["status"] == "ok")}
+                   "steps_this_call": sum(r.get("steps_this_call", 0) for r in self.runs if r["status"] == "ok"),
+                   "settings": {"data": self.data.identity(), "model": plan.model,
+                                "train": {k: v for k, v in plan.train.identity().items() if k not in ("algorithm",
+                                                                                                       "seed")},
+                                "options": plan.train.options, "max_epochs": plan.train.max_epochs},
+                   "device_name": device_name(torch.device(self.device)), "torch": torch.__version__,
+                   "date": datetime.date.today().isoformat(), "wall_s": round(time.perf_counter() - self.start, 1)}
         self.results_path = save_json(results, Path(plan.train.log_dir, f"results_{dataset}.json"))
         return self.results_path
 
