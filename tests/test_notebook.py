@@ -155,15 +155,19 @@ def test_notebook_runs_all_six_rows_shows_every_figure_and_resumes(tmp_path, cap
     assert [Path(f).name for f in command["figures"]] == [Path(f).name for f in again["figures"]]
 
 
-@pytest.mark.parametrize("name, dataset, image_size, epochs", [("notebook_embedded.yaml", "embedded", 48, 20),
-                                                                ("notebook_digits.yaml", "colored_digits", 16, 150)])
-def test_the_make_targets_settings_are_known_parameters_of_the_right_types(name, dataset, image_size, epochs):
+@pytest.mark.parametrize("name, dataset, image_size, epochs, rows, seeds", [
+    ("notebook_embedded.yaml", "embedded", 48, 20, ["vanilla", "random", "guided"], 5),
+    ("notebook_digits.yaml", "colored_digits", 16, 150,
+     ["unimodal_m0", "unimodal_m1", "vanilla", "rubi", "random", "guided"], 3)])
+def test_the_make_targets_settings_are_known_parameters_of_the_right_types(name, dataset, image_size, epochs, rows,
+                                                                           seeds):
     yaml = pytest.importorskip("yaml")  # papermill's own dependency
     values = yaml.safe_load((ROOT / name).read_text())
     assert set(values) <= set(notebook_defaults()), f"{name} names settings the notebook does not have"
     plan = plan_from_parameters(dict(DEFAULTS, **values))
     assert (plan.data.dataset, plan.data.image_size, plan.train.max_epochs) == (dataset, image_size, epochs)
-    assert plan.algorithms[:2] == ["unimodal_m0", "unimodal_m1"] and not plan.train.eval_test
+    assert plan.algorithms == rows and not plan.train.eval_test
+    assert len(plan.seeds) == seeds >= 3  # issue 16: never a conclusion from one seed
 
 
 @pytest.mark.parametrize("notebook", ["greedy_multimodal.ipynb", "paper_studies.ipynb"])
