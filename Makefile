@@ -1,14 +1,17 @@
-# The two commands of the README: `make run` (the notebook, headless, on the embedded dataset) and `make test`;
-# `make run-digits` runs it on the colored scikit-learn digits, `make bench` the benchmarks; `make studies` runs the
-# paper's studies (paper_studies.ipynb) headless on the embedded dataset with small grids.
+# The README's commands: `make run` (the notebook, headless, on the embedded dataset) and `make test`. `make run-digits`
+# runs it on the colored scikit-learn digits, `make studies` the paper's studies (paper_studies.ipynb), `make balancers`
+# every method on the colored digits and the embedded dataset, MMTM and late fusion; `make bench` the benchmarks.
+# `make publish` copies their results into docs/results and docs/figures, `make readme` writes the README's numbers
+# from those files; `make lab` opens the notebooks in Jupyter.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 RUN_DIR := logging/notebook
 STUDIES_DIR := logging/studies
 
-.PHONY: install test bench run run-digits studies clean
+.PHONY: install install-dev test bench run run-digits studies balancers publish readme lab clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,12 +20,18 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $(STAMP)
 
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
 
-test: install
+install-dev: $(DEV_STAMP)
+
+test: install-dev
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install-dev
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 	@cat bench/results.json
 
@@ -40,6 +49,15 @@ studies: install
 	mkdir -p $(STUDIES_DIR)
 	$(BIN)/python -m papermill paper_studies.ipynb $(STUDIES_DIR)/paper_studies.ipynb \
 		-k python3 -f studies_embedded.yaml --cwd .
+
+publish: install
+	$(BIN)/python tools/publish.py
+
+readme: install
+	$(BIN)/python tools/readme.py
+
+lab: install-dev
+	$(BIN)/jupyter lab
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -34,3 +34,44 @@ def test_the_readmes_own_data_example_trains_logs_and_measures(tmp_path, monkeyp
     assert -1.0 <= d_util <= 1.0 if not undefined else (d_util != d_util and "at chance" in undefined)
     assert namespace["model"].mmtms["stage1"].fc_squeeze.in_features == 12 + 20  # C_A + C_B, inferred
 
+
+
+# ------------------------------------------------------------------------- numbers generated from the results files
+def readme_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tool", README.parent / "tools" / "readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_generated_block_matches_its_results_file():
+    """`make readme` on a clean checkout changes nothing: each block equals what its results file renders."""
+    tool = readme_tool()
+    for page in tool.pages():
+        text = page.read_text()
+        for match in tool.BLOCK.finditer(text):
+            assert match["name"] in tool.BLOCKS, f"{page.name}: block {match['name']!r} has no renderer"
+            expected = tool.BLOCKS[match["name"]]().strip("\n")
+            assert match["body"] == expected, f"{page.name}: block {match['name']!r} is stale: run `make readme`"
+
+
+def test_a_block_follows_its_results_file(tmp_path, monkeypatch):
+    tool = readme_tool()
+    monkeypatch.setattr(tool, "RESULTS", tmp_path)
+    row = lambda mean, std: [mean, std, 3]  # noqa: E731
+    summary = {alg: {"runs": 3, "failed": [], "undefined": 0, **{k: row(0.5, 0.1) for k in
+                                                                 ("acc0", "acc1", "u_m1_m0", "u_m0_m1", "d_speed")},
+                     "acc": row(acc, 0.01), "d_util": row(d, 0.05)} for alg, acc, d in
+               (("vanilla", 0.80, -0.6), ("guided", 0.95, -0.1))}
+    runs = [{"algorithm": alg, "status": "ok", "acc": acc, "d_util": d, "seed": s} for s in range(3)
+            for alg, acc, d in (("vanilla", 0.80 + 0.01 * s, -0.6), ("guided", 0.95, -0.1 - 0.01 * s))]
+    (tmp_path / "embedded.json").write_text(json.dumps({"summary": summary, "runs": runs, "seeds": [0, 1, 2]}))
+    page = "intro\n<!-- generated: embedded-verdict -->\nold text\n<!-- /generated: embedded-verdict -->\nend\n"
+    out = tool.render(page)
+    assert "old text" not in out and out.startswith("intro\n") and out.endswith("end\n")
+    assert "guided's mean |d_util| is 0.11 against vanilla's 0.60" in out and "larger than the seed spread" in out
+    assert tool.render(out) == out  # rendering is idempotent
+    text = out.replace("0.60", "0.61")  # a number typed by hand is overwritten
+    assert tool.render(text) == out

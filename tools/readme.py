@@ -1,0 +1,223 @@
+"""Write the README's (and docs pages') generated blocks from the committed results files: every number and table
+between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` comes from docs/results/*.json or bench/results.json
+through the package's own table code, so nothing is typed by hand and nothing goes stale.
+
+    python tools/readme.py            rewrite the blocks of README.md and docs/*.md (`make readme`)
+    python tools/readme.py --check    exit 1, naming the file, when a block differs from its results file
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from greedymm.experiment.table import format_table, paper_column  # noqa: E402
+from greedymm.study.figures import summary_table  # noqa: E402
+from greedymm.study.runner import study_table  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results"
+BENCH = ROOT / "bench" / "results.json"
+PAGES = ("README.md", "docs/*.md")
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /generated: (?P=name) -->)", re.S)
+Renderer = Callable[[], str]
+BLOCKS: Dict[str, Renderer] = {}
+
+
+def block(name: str) -> Callable[[Renderer], Renderer]:
+    """Register the renderer of the blocks called `name`."""
+    def register(fn: Renderer) -> Renderer:
+        BLOCKS[name] = fn
+        return fn
+    return register
+
+
+def load(name: str) -> dict:
+    """docs/results/<name>.json."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def bench() -> dict:
+    return json.loads(BENCH.read_text())
+
+
+def pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    """"mean ± std" (population std over seeds) of the finite values."""
+    vals = [v * scale for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return "n/a"
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def stats(values: Sequence[float]) -> tuple:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    mean = sum(vals) / len(vals)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)), len(vals)
+
+
+def runs_of(results: dict, algorithm: str, key: str, absolute: bool = False) -> List[float]:
+    vals = [r.get(key, math.nan) for r in results["runs"] if r["algorithm"] == algorithm and r["status"] == "ok"]
+    return [abs(v) for v in vals] if absolute else vals
+
+
+def protocol_line(results: dict) -> str:
+    """The run's settings in one line: seeds, size, epochs, model, device, date, wall time."""
+    s = results.get("settings", {})
+    data, train = s.get("data", {}), s.get("train", {})
+    model = s.get("model") or "the dataset's model"
+    return (f"{len(results['seeds'])} seeds; {data.get('image_size')} px, batch {data.get('batch_size')}, "
+            f"SGD lr {train.get('lr')}, momentum {train.get('momentum')}, at most {s.get('max_epochs')} epochs; "
+            f"model `{model}`; {results.get('device_name', results.get('device'))}, torch {results.get('torch')}, "
+            f"{results.get('date')}, {results.get('wall_s', 0) / 60:.1f} min for the notebook")
+
+
+# ------------------------------------------------------------------------------------------------ make run (embedded)
+@block("embedded-table")
+def embedded_table() -> str:
+    results = load("embedded")
+    return format_table(results["summary"], paper_column("embedded")) + "\n\n" + protocol_line(results) + "."
+
+
+@block("embedded-verdict")
+def embedded_verdict() -> str:
+    results = load("embedded")
+    d_v, d_g = stats(runs_of(results, "vanilla", "d_util", True)), stats(runs_of(results, "guided", "d_util", True))
+    a_v, a_g = stats(runs_of(results, "vanilla", "acc")), stats(runs_of(results, "guided", "acc"))
+    d_margin, a_margin = d_v[0] - d_g[0], a_g[0] - a_v[0]
+
+    def versus(margin: float, spread: float) -> str:
+        return "larger than" if margin > spread else "within"
+
+    return (f"Over {d_v[2]} seeds guided's mean |d_util| is {d_g[0]:.2f} against vanilla's {d_v[0]:.2f}: a margin of "
+            f"{d_margin:.2f}, {versus(d_margin, max(d_v[1], d_g[1]))} the seed spread (std up to "
+            f"{max(d_v[1], d_g[1]):.2f}). Its mean fused test accuracy is {100 * a_g[0]:.1f}% against vanilla's "
+            f"{100 * a_v[0]:.1f}%: a margin of {100 * a_margin:+.1f} points, {versus(a_margin, max(a_v[1], a_g[1]))} "
+            f"the seed spread (std up to {100 * max(a_v[1], a_g[1]):.1f} points).")
+
+
+@block("robustness")
+def robustness() -> str:
+    b = bench()
+    names = {"threads2": "2 threads (reference)", "threads1": "1 thread", "perturbed": "weights + 1e-7·N(0, 1)"}
+    lines = ["| numerics | vanilla acc % | guided acc % | vanilla \\|d_util\\| | guided \\|d_util\\| | guided ≥ vanilla "
+             "in acc | guided < vanilla in \\|d_util\\| |", "|---|---|---|---|---|---|---|"]
+    for cond, label in names.items():
+        k = f"robustness.{cond}."
+        if k + "acc_margin" not in b:
+            continue
+
+        def cell(m: str, what: str, scale: float = 1.0, digits: int = 2) -> str:
+            return f"{scale * b[k + m + '_' + what + '_mean']:.{digits}f} ± {scale * b[k + m + '_' + what + '_std']:.{digits}f}"
+
+        def verdict(holds: str, over: str, margin: str, scale: float, unit: str) -> str:
+            return (("yes" if b[k + holds] else "**no**") + f", margin {scale * b[k + margin]:+.2f}{unit}"
+                    + (" > spread" if b[k + over] else " ≤ spread"))
+
+        lines.append(f"| {label} | {cell('vanilla', 'acc', 100, 1)} | {cell('guided', 'acc', 100, 1)} | "
+                     f"{cell('vanilla', 'abs_d_util')} | {cell('guided', 'abs_d_util')} | "
+                     f"{verdict('acc_holds', 'acc_margin_over_spread', 'acc_margin', 100, ' pts')} | "
+                     f"{verdict('abs_d_util_holds', 'abs_d_util_margin_over_spread', 'abs_d_util_margin', 1, '')} |")
+    seeds = b.get("robustness.threads2.seeds")
+    return "\n".join(lines) + f"\n\n`make bench` (bench/bench_robustness.py), {seeds} seeds per method and condition."
+
+
+# ------------------------------------------------------------------------------------------ make run-digits (digits)
+@block("digits-table")
+def digits_table() -> str:
+    results = load("colored_digits")
+    return format_table(results["summary"], paper_column("colored_digits")) + "\n\n" + protocol_line(results) + "."
+
+
+@block("digits-gap")
+def digits_gap() -> str:
+    results, paper = load("colored_digits"), paper_column("colored_digits")
+    table = results["summary"]
+    best = max((r for r in ("unimodal_m0", "unimodal_m1") if r in table), key=lambda r: table[r]["acc"][0])
+    lines = ["| row | ours, acc % | paper, acc % | ours − paper |", "|---|---|---|---|"]
+    for alg, ref in ((best, paper["unimodal"]), *((a, paper[a]) for a in ("vanilla", "rubi", "random", "guided"))):
+        if alg not in table:
+            continue
+        mean, std, n = table[alg]["acc"]
+        label = f"uni-modal (best: {alg})" if alg == best else alg
+        lines.append(f"| {label} | {100 * mean:.2f} ± {100 * std:.2f} | {ref['acc'][0]:.2f} ± {ref['acc'][1]:.2f} | "
+                     f"{100 * mean - ref['acc'][0]:+.2f} |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- make studies (studies)
+def study_records(key: str) -> List[dict]:
+    return load("studies")["studies"][key]["records"]
+
+
+@block("studies-greedy")
+def studies_greedy() -> str:
+    return study_table("greedy_learner", study_records("greedy_learner"))
+
+
+@block("studies-cls-cur")
+def studies_cls_cur() -> str:
+    cls_cur = load("studies")["cls_cur"]
+    return "\n".join(f"- {'all runs of the population' if k == 'all' else k + ' pairs'}: Spearman "
+                     f"{v['spearman']:+.2f} over {v['n']} runs" for k, v in cls_cur.items() if k != "figure")
+
+
+@block("studies-regularization")
+def studies_regularization() -> str:
+    return study_table("regularization", study_records("regularization"))
+
+
+@block("studies-sensitivity")
+def studies_sensitivity() -> str:
+    return study_table("sensitivity", study_records("sensitivity"))
+
+
+@block("studies-time")
+def studies_time() -> str:
+    s = load("studies")
+    parts = [f"{k.replace('_', ' ')} {v['runs']} runs in {v['wall_s'] / 60:.1f} min" for k, v in s["studies"].items()]
+    return f"With the `{s['executor']}` executor: " + "; ".join(parts) + "."
+
+
+def render(text: str, where: str = "README.md") -> str:
+    """`text` with every generated block rewritten by its renderer."""
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise KeyError(f"{where}: block {name!r} has no renderer; known: {', '.join(sorted(BLOCKS))}")
+        return match.group(1) + BLOCKS[name]().strip("\n") + match.group(4)
+    return BLOCK.sub(fill, text)
+
+
+def pages() -> List[Path]:
+    return [p for pattern in PAGES for p in sorted(ROOT.glob(pattern))]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if a block is stale")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = render(text, str(page.relative_to(ROOT)))
+        if new != text:
+            stale.append(str(page.relative_to(ROOT)))
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print(f"stale generated blocks in {', '.join(stale)}: run `make readme`")
+        return 1
+    print(("rewrote " if stale else "up to date: ") + ", ".join(stale or [str(p.relative_to(ROOT)) for p in pages()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
