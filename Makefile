@@ -50,6 +50,17 @@ studies: install
 	$(BIN)/python -m papermill paper_studies.ipynb $(STUDIES_DIR)/paper_studies.ipynb \
 		-k python3 -f studies_embedded.yaml --cwd .
 
+# every registered two-branch method on the colored digits and the embedded dataset, for each fusion, 3 seeds;
+# logs and results_<dataset>.json under logging/balancers/<fusion>/ (the checkpoints are shared with make run's)
+BALANCER_FUSIONS ?= mmtm late_concat
+balancers: install
+	@for fusion in $(BALANCER_FUSIONS); do \
+	  $(BIN)/python -m greedymm run --config balancers_digits.yaml --methods all --set FUSION=$$fusion \
+	    --set LOG_DIR=logging/balancers/$$fusion || exit 1; \
+	  $(BIN)/python -m greedymm run --config notebook_embedded.yaml --methods all --seeds 0 1 2 --set FUSION=$$fusion \
+	    --set LOG_DIR=logging/balancers/$$fusion || exit 1; \
+	done
+
 publish: install
 	$(BIN)/python tools/publish.py
 

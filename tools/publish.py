@@ -26,7 +26,6 @@ FIGURES = ROOT / "docs" / "figures"
 # Record fields a reader does not need (local paths, machine names, errors' stack traces, nested identities).
 DROPPED = ("log_dir", "best_path", "traceback", "host", "history", "data", "train", "key")
 TABLES = ("embedded", "colored_digits")  # the notebook's results_<dataset>.json files
-BALANCERS = ("balancers",)  # make balancers' results_<name>.json files
 
 
 def slim(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -63,6 +62,20 @@ def publish_table(log_dir: Path, name: str) -> Path:
     return dump(out, RESULTS / f"{name}.json")
 
 
+def publish_balancers(log_dir: Path) -> Path:
+    """logging/balancers/<fusion>/results_<dataset>.json (make balancers) -> docs/results/balancers.json, one table per
+    dataset and fusion."""
+    tables = {}
+    for path in sorted((log_dir / "balancers").glob("*/results_*.json")):
+        results = json.loads(path.read_text())
+        key = f"{path.stem[len('results_'):]}/{path.parent.name}"
+        tables[key] = {**{k: v for k, v in results.items() if k not in ("runs", "figures")},
+                       "runs": [slim(r) for r in results["runs"]]}
+    if not tables:
+        raise FileNotFoundError(2, "no results", str(log_dir / "balancers" / "<fusion>" / "results_<dataset>.json"))
+    return dump({"tables": tables}, RESULTS / "balancers.json")
+
+
 def publish_studies(log_dir: Path) -> Path:
     """logging/studies/summary.json and each study's runs.jsonl -> docs/results/studies.json and the figures."""
     summary = json.loads((log_dir / "studies" / "summary.json").read_text())
@@ -84,12 +97,13 @@ def publish_studies(log_dir: Path) -> Path:
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-dir", default="logging", help="where the make targets wrote their results")
-    parser.add_argument("what", nargs="*", default=[*TABLES, "studies", *BALANCERS], help="what to publish")
+    parser.add_argument("what", nargs="*", default=[*TABLES, "studies", "balancers"], help="what to publish")
     args = parser.parse_args(argv)
     log_dir = Path(args.log_dir)
     for what in args.what:
         try:
-            path = publish_studies(log_dir) if what == "studies" else publish_table(log_dir, what)
+            publisher = {"studies": publish_studies, "balancers": publish_balancers}.get(what)
+            path = publisher(log_dir) if publisher else publish_table(log_dir, what)
         except FileNotFoundError as err:
             print(f"{what}: not published ({err.filename} is missing: run its make target first)")
             continue

@@ -186,6 +186,42 @@ def studies_time() -> str:
     return f"With the `{s['executor']}` executor: " + "; ".join(parts) + "."
 
 
+# ---------------------------------------------------------------------------------------- make balancers (balancers)
+@block("balancers-tables")
+def balancers_tables() -> str:
+    """One table per dataset and fusion (every method over its seeds), then which methods beat vanilla by more than
+    the seed spread on the weak modality's use (|d_util|) and on accuracy."""
+    tables = load("balancers")["tables"]
+    parts = []
+    for key in sorted(tables):
+        results = tables[key]
+        dataset, fusion = key.split("/")
+        parts.append(f"**{dataset}, {fusion}** ({len(results['seeds'])} seeds):\n\n"
+                     + format_table(results["summary"], paper_column(dataset) if fusion == "mmtm" else None))
+        parts.append(balancer_verdict(results))
+    return "\n\n".join(parts)
+
+
+def balancer_verdict(results: dict) -> str:
+    """Per method against vanilla: lower mean |d_util| and higher mean accuracy, each by more than the larger std."""
+    if not runs_of(results, "vanilla", "acc"):
+        return "(no vanilla row to compare with)"
+    d_v, a_v = stats(runs_of(results, "vanilla", "d_util", True)), stats(runs_of(results, "vanilla", "acc"))
+    use, acc_only, neither = [], [], []
+    for method in results["summary"]:
+        d_vals = runs_of(results, method, "d_util", True)
+        if method == "vanilla" or not [v for v in d_vals if math.isfinite(v)]:
+            continue
+        d, a = stats(d_vals), stats(runs_of(results, method, "acc"))
+        balances = d_v[0] - d[0] > max(d_v[1], d[1])
+        more_acc = a[0] - a_v[0] > max(a_v[1], a[1])
+        (use if balances else acc_only if more_acc else neither).append(
+            f"{method} (|d_util| {d[0]:.2f} vs {d_v[0]:.2f}, acc {100 * a[0]:.1f}% vs {100 * a_v[0]:.1f}%)")
+    said = lambda xs: "; ".join(xs) if xs else "none"  # noqa: E731
+    return (f"Raise the weak modality's use beyond the seed spread: {said(use)}. Only raise accuracy: "
+            f"{said(acc_only)}. Neither, beyond the spread: {said(neither)}.")
+
+
 # ------------------------------------------------------------------------------------------------ make bench (bench)
 # (what the figure is, the reference to compare it with): the value column comes from bench/results.json.
 BENCH_ROWS = (
