@@ -147,7 +147,8 @@ class Experiment:
         if d_utils:
             self.figure(plot_d_util(d_utils, {k: v["d_util"] for k, v in (paper or {}).items() if "d_util" in v}
                                     or None), "d_util")
-        results = {"dataset": dataset, "views": list(self.data.views), "device": str(self.device),
+        results = {"dataset": dataset, "fusion": plan.train.fusion, "views": list(self.data.views),
+                   "device": str(self.device),
                    "seeds": plan.seeds, "rows": plan.algorithms, "runs": self.runs_cur, "summary": self.table,
                    "figures": self.figures,
                    "steps_this_call": sum(r.get("steps_this_call", 0) for r in self.runs if r["status"] == "ok"),
