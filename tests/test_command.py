@@ -93,3 +93,11 @@ def test_study_runs_the_notebooks_plan(tmp_path, capsys):
     summary = json.loads((tmp_path / "logging" / "studies" / "summary.json").read_text())
     assert list(summary["studies"]) == ["regularization"] and summary["studies"]["regularization"]["ran"] == 2
     assert "| l1 | rho | d_util | d_util_last | d_speed | acc |" in out and "regularization_embedded: 2 runs recorded" in out
+
+
+def test_methods_all_means_every_registered_two_branch_method():
+    from greedymm.__main__ import _run_plan, parser
+
+    plan = _run_plan(parser().parse_args(["run", "--dataset", "colored_digits", "--methods", "all"]))
+    two_branch = [n for n, m in methods().items() if m.multimodal]
+    assert list(plan.algorithms) == two_branch and "vanilla" in two_branch and "unimodal_m0" not in two_branch
