@@ -16,6 +16,7 @@ from .experiment.params import (experiment_plan, notebook_setup, parameter_defau
                                 study_plan)
 from .experiment.pipeline import report_line, run_table
 from .methods.base import methods
+from .registry import FUSIONS
 from .study.runner import (POOLED, pooled_cls_cur, record_line, result_line, result_summary, run_study,
                            study_table, write_summary)
 
@@ -25,7 +26,8 @@ class SettingsError(ValueError):
 
 
 def list_lines() -> List[str]:
-    """The registered methods (label, paper row, settings and defaults) and datasets (views, model, presets)."""
+    """The registered methods (label, paper row, settings and defaults), fusions and datasets (views, model,
+    presets)."""
     defaults = option_defaults()
     lines = ["methods (--methods; a setting by --set NAME=VALUE, its notebook parameter):"]
     for name, m in methods().items():
@@ -34,6 +36,8 @@ def list_lines() -> List[str]:
                              for f in dataclasses.fields(m.Settings)) or "no settings"
         where = "paper's Table 1" if m.paper_row else "not in the paper"
         lines.append(f"  {name:<12} {m.label} ({where}{'' if m.multimodal else ', uni-modal'}): {settings}")
+    lines.append("fusions (--fusion, FUSION):")
+    lines += [f"  {name:<12} {spec.label}: {spec.description}" for name, spec in FUSIONS.items()]
     lines.append("datasets (--dataset):")
     for name, spec in datasets().items():
         preset = {**spec.data_preset, **spec.train_preset}
@@ -73,6 +77,8 @@ def _run_plan(args: argparse.Namespace) -> Any:
         values.update(ALGORITHMS=rows, UNIMODAL=False)
     if args.seeds is not None:
         values["SEEDS"] = list(args.seeds)
+    if args.fusion is not None:
+        values["FUSION"] = args.fusion
     return experiment_plan(values)
 
 
@@ -132,8 +138,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help="DATASET (default: the YAML file's, else modelnet40)")
     run.add_argument("--methods", nargs="+", metavar="M", help="exactly these rows (ALGORITHMS, UNIMODAL off); all: every registered two-branch method")
     run.add_argument("--seeds", nargs="+", type=int, metavar="S", help="SEEDS")
+    run.add_argument("--fusion", help="FUSION: mmtm (default), late_concat or late_sum")
     study = sub.add_parser("study", help="run the studies of paper_studies.ipynb")
-    study.add_argument("--only", nargs="+", metavar="STUDY", help="greedy_learner, regularization, sensitivity")
+    study.add_argument("--only", nargs="+", metavar="STUDY",
+                       help="greedy_learner (greedy_learner_<fusion> with GREEDY_FUSIONS), regularization, sensitivity")
     for s in (run, study):
         s.add_argument("--config", metavar="FILE.yaml", help="notebook parameters (a papermill -f file)")
         s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

@@ -71,10 +71,11 @@ def test_run_prints_the_table_and_writes_the_results_file(toy, tmp_path, capsys)
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "logging" / "results_toy.json").read_text())
     assert results["rows"] == ["unimodal_m1", "vanilla"] and results["seeds"] == [0]
-    assert set(results) == {"dataset", "views", "device", "seeds", "rows", "runs", "summary", "figures",
+    assert set(results) == {"dataset", "fusion", "views", "device", "seeds", "rows", "runs", "summary", "figures",
                             "steps_this_call", "settings", "device_name", "torch", "date", "wall_s"}
+    assert results["fusion"] == "mmtm"
     assert results["settings"]["data"]["dataset"] == "toy" and results["wall_s"] > 0
-    assert len(results["figures"]) == 4 and all(r["status"] == "ok" for r in results["runs"])
+    assert len(results["figures"]) == 5 and all(r["status"] == "ok" for r in results["runs"])  # + robustness
     table = format_table(summarize(results["runs"]), paper_column("toy"))
     assert table in out and out.count("toy_vanilla_s0_") == 1  # the report line of the run
     assert "| unimodal_m1 (best) | 1 |" in table
