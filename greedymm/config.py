@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .registry import DATASETS, METHODS
+from .registry import DATASETS, FUSIONS, METHODS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -154,6 +154,7 @@ class TrainConfig:
 
     algorithm: str = "vanilla"  # a registered method: the Table-1 rows and the balancers (`greedymm.methods`)
     options: Dict[str, Any] = field(default_factory=dict)  # method settings by name, e.g. {"epsilon": 0.1}
+    fusion: str = "mmtm"  # the two-branch model's fusion: "mmtm" (the paper's), "late_concat", "late_sum"
     lr: float = 0.1  # SGD learning rate
     momentum: float = 0.0  # SGD momentum (the paper uses none on ModelNet40)
     weight_decay: float = 0.0  # SGD weight decay
@@ -182,6 +183,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the bad field and what is allowed."""
         method = METHODS.get(self.algorithm)  # "algorithm='greedy' is unknown; allowed: ..."
+        FUSIONS.get(self.fusion)  # "fusion='early' is unknown; allowed: ..."
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr} must be a positive finite number")
         if not 0.0 <= self.momentum < 1.0:
@@ -232,7 +234,7 @@ class TrainConfig:
                     "max_steps")
     # Fields added after greedymm 0.1, with the value that reproduces 0.1's behaviour: a run holding it leaves the
     # field out of its identity, so runs that do not use the new setting keep their names (and checkpoints).
-    LEGACY = {"full_acc_steps": None}
+    LEGACY = {"full_acc_steps": None, "fusion": "mmtm"}
 
     def settings(self) -> Any:
         """The settings dataclass of this run's method: `options` where they name its fields, defaults elsewhere."""

@@ -1,6 +1,6 @@
-"""The plug-in registries (the methods of SPEC Sec. 5, 9, 12; the datasets of Sec. 1, 10): ordered name -> entry tables
-at the bottom of the import graph, so that `greedymm.config` checks settings against them. Entries register when
-their module is imported; a registry imports its built-in modules by name on its first look-up.
+"""The plug-in registries (methods, SPEC Sec. 5, 9, 12; datasets, Sec. 1, 10; fusions, Sec. 2, 13): ordered tables at
+the bottom of the import graph, so that `greedymm.config` checks settings against them. Entries register when their
+module is imported; a registry imports its built-in modules by name on its first look-up.
 """
 from __future__ import annotations
 
@@ -70,3 +70,5 @@ METHODS = Registry("algorithm", ("greedymm.methods",), order=lambda method: meth
 # The datasets (greedymm.data.DatasetSpec), the paper's first.
 DATASETS = Registry("dataset", ("greedymm.data.modelnet", "greedymm.data.embedded", "greedymm.data.digits"),
                     order=lambda spec: spec.order)
+# The fusions of a two-branch model (greedymm.models.fusions.FusionSpec): MMTM (the paper's) first, then late fusion.
+FUSIONS = Registry("fusion", ("greedymm.models.fusions",), order=lambda spec: spec.order)

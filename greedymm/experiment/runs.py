@@ -22,6 +22,7 @@ from ..measures.cur import conditional_utilization
 from ..measures.evaluate import evaluate, is_two_branch
 from ..measures.sparsity import sparsity
 from ..methods.base import make_method
+from ..models.fusions import as_fusion
 from ..models.zoo import ModelFn, build_two_branch
 from ..runtime import amp_dtype, default_device, set_channels_last
 from ..training.checkpoint import load_checkpoint
@@ -95,14 +96,15 @@ class Run:
     @property
     def model(self) -> nn.Module:
         """The network the method trains, built on first use from the run's seed: the two-branch model
-        (`model_fn`'s or the dataset's) or, for the uni-modal rows, its uni-modal counterpart."""
+        (`model_fn`'s or the dataset's) with the run's fusion (`TrainConfig.fusion`: a TwoBranchNet's branches
+        become a late-fusion net's encoders) or, for the uni-modal rows, its uni-modal counterpart."""
         if self._model is None:
             loaders = self.loaders
             torch.manual_seed(self.seed)
             k, channels = len(loaders.classes), tuple(loaders.channels)
             two = self.model_fn(k) if self.model_fn is not None else build_two_branch(
                 get_dataset(self.data.dataset).default_model, k, channels)
-            self._model = self.method.build_model(two)
+            self._model = self.method.build_model(as_fusion(two, self.cfg.fusion))
         return self._model
 
     def train(self, resume: bool = True, callback: Optional[EventCallback] = None) -> dict:
@@ -112,7 +114,7 @@ class Run:
             resume: continue from the run's last checkpoint when there is one.
             callback: passed to `train` (step and epoch records).
         Returns:
-            dict with algorithm, seed, run_name, steps, steps_this_call, stop_reason, best_epoch, d_speed (at the
+            dict with algorithm, seed, fusion, run_name, steps, steps_this_call, stop_reason, best_epoch, d_speed (at the
             best epoch; NaN for uni-modal runs), val_acc and the test accuracies at the best epoch, history, log_dir,
             best_path, precision and model_name.
         """
@@ -121,7 +123,8 @@ class Run:
                        callback=callback, extra_config={"data": to_dict(self.data), "classes": loaders.classes},
                        identity={"data": self.data.identity(), "model_name": self.model_name}, method=self.method)
         best = result.best
-        return {"algorithm": self.algorithm, "seed": self.seed, "run_name": self.name, "steps": result.steps,
+        return {"algorithm": self.algorithm, "seed": self.seed, "fusion": cfg.fusion, "run_name": self.name,
+                "steps": result.steps,
                 "steps_this_call": result.steps_this_call, "stop_reason": result.stop_reason,
                 "best_epoch": best["epoch"], "d_speed": best.get("d_speed", math.nan),
                 **{k: best[k] for k in ("val_acc", "test_acc", "test_acc0", "test_acc1") if k in best},

@@ -1,6 +1,6 @@
-"""The conditional utilization rate (paper Sec. 3.2; SPEC Sec. 7, 11): cut the fusion by replacing the other
-modality's squeeze vectors with their means over D_train, compare accuracies with and without it, and mark d_util
-undefined when a branch head is at chance or the fusion has collapsed.
+"""The conditional utilization rate (paper Sec. 3.2; SPEC Sec. 7, 11, 13): cut the fusion by replacing the other
+modality's squeeze vectors (late fusion: features) with their means over D_train, compare accuracies with and without
+it, and mark d_util undefined when a branch head is at chance or the fusion has collapsed.
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
+from torch import nn
 
 from ..models.mmtm import FusionMode
 from ..models.two_branch import TwoBranchNet
@@ -16,10 +17,59 @@ from .evaluate import evaluate
 
 
 @torch.no_grad()
+def compute_cut_means(model: nn.Module, train_loader: Iterable[Batch], device: Optional[torch.device] = None,
+                      autocast_dtype: Optional[torch.dtype] = None) -> None:
+    """Fill the D_train means the cut mode replaces the other modality with, for any fusion, in eval mode: every
+    MMTM's mean squeeze vectors (SPEC Sec. 3), or a late-fusion model's mean features e0, e1 (Sec. 13).
+
+    Args:
+        model: the trained two-branch model.
+        train_loader: D_train batches without augmentation (e.g. `Loaders.train_eval`).
+        device: the model's device if None.
+        autocast_dtype: mixed-precision dtype on CUDA, or None.
+    """
+    if getattr(model, "is_late", False):
+        _compute_feature_means(model, train_loader, device, autocast_dtype)
+    else:
+        compute_squeeze_means(model, train_loader, device, autocast_dtype)
+
+
+def _compute_feature_means(model: nn.Module, train_loader: Iterable[Batch], device: Optional[torch.device],
+                           autocast_dtype: Optional[torch.dtype]) -> None:
+    """A late-fusion model's `set_cut_means`: the means of e0 (F0,) and e1 (F1,) over `train_loader`, eval mode."""
+    _check_unaugmented(train_loader)
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: List[torch.Tensor] = []
+    n = 0
+    try:
+        for x0, x1, y in train_loader:
+            x0, x1, _ = to_device(x0, x1, y, device, model)
+            with autocast(device, autocast_dtype):
+                feats = model(x0, x1, FusionMode.FUSED, return_features=True)[2]  # (e0 (B, F0), e1 (B, F1))
+            batch = [e.detach().double().sum(0) for e in feats]
+            sums = batch if not sums else [a + b for a, b in zip(sums, batch)]
+            n += feats[0].shape[0]
+        if n == 0:
+            raise ValueError("compute_cut_means got an empty loader")
+        model.set_cut_means(sums[0] / n, sums[1] / n)
+    finally:
+        model.train(was_training)
+
+
+def _check_unaugmented(train_loader: Iterable[Batch]) -> None:
+    if getattr(train_loader, "augment", False):
+        raise ValueError("the squeeze means must come from D_train without augmentation; "
+                         "pass a loader with augment=False (e.g. Loaders.train_eval)")
+
+
+@torch.no_grad()
 def compute_squeeze_means(model: TwoBranchNet, train_loader: Iterable[Batch],
                           device: Optional[torch.device] = None,
                           autocast_dtype: Optional[torch.dtype] = None) -> None:
-    """Set every MMTM's `squeeze_mean_a/b` to the mean squeeze vectors over `train_loader`, in eval mode.
+    """Set every MMTM's `squeeze_mean_a/b` to the mean squeeze vectors over `train_loader`, in eval mode
+    (`compute_cut_means` does this for any fusion).
 
     Args:
         model: the trained model.
@@ -27,9 +77,10 @@ def compute_squeeze_means(model: TwoBranchNet, train_loader: Iterable[Batch],
         device: the model's device if None.
         autocast_dtype: mixed-precision dtype on CUDA, or None.
     """
-    if getattr(train_loader, "augment", False):
-        raise ValueError("the squeeze means must come from D_train without augmentation; "
-                         "pass a loader with augment=False (e.g. Loaders.train_eval)")
+    if getattr(model, "is_late", False):
+        _compute_feature_means(model, train_loader, device, autocast_dtype)
+        return
+    _check_unaugmented(train_loader)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -122,9 +173,13 @@ def conditional_utilization(model: TwoBranchNet, train_loader: Iterable[Batch], 
                             autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
     """Compute A(f0), A(f1), A(f0'), A(f1'), the fused accuracy, u(m1|m0), u(m0|m1) and d_util on the test set.
 
+    A late-fusion model (SPEC Sec. 13) compares the fused accuracy A(z) with A(z | e1 := mean e1) (u(m1|m0)) and
+    A(z | e0 := mean e0) (u(m0|m1)): acc0 and acc1 are then both A(z) (the partial logits' own accuracies are the
+    training record's test_acc0, test_acc1).
+
     Args:
         model: the trained model (load the best checkpoint first).
-        train_loader: D_train batches without augmentation, for the squeeze means.
+        train_loader: D_train batches without augmentation, for the squeeze (or feature) means.
         test_loader: test batches.
         device: the model's device if None.
         autocast_dtype: mixed-precision dtype on CUDA, or None for fp32.
@@ -134,6 +189,8 @@ def conditional_utilization(model: TwoBranchNet, train_loader: Iterable[Batch], 
         d_util_undefined (why d_util is undefined, "" when it is defined).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if getattr(model, "is_late", False):
+        return _late_utilization(model, train_loader, test_loader, device, autocast_dtype)
     compute_squeeze_means(model, train_loader, device, autocast_dtype)
     mmtms = list(model.mmtms.values())
     for m in mmtms:  # the fused pass also gathers the spread of the scales
@@ -154,6 +211,30 @@ def conditional_utilization(model: TwoBranchNet, train_loader: Iterable[Batch], 
     out.update(fusion_spread=spread, chance=chance_level(fused["classes"], fused["n"]), d_util_undefined=reason)
     if reason:
         out["d_util"] = math.nan  # the u's stay as measured; their difference means nothing
+    return out
+
+
+def _late_utilization(model: nn.Module, train_loader: Iterable[Batch], test_loader: Iterable[Batch],
+                      device: torch.device, autocast_dtype: Optional[torch.dtype]) -> Dict[str, float]:
+    """The CUR of a late-fusion model (SPEC Sec. 13): A(z) against A(z | e1 := mean e1) and A(z | e0 := mean e0).
+
+    Returns:
+        As `conditional_utilization`, with acc0 = acc1 = A(z) (the reference of both rates), acc0_cut = A(z | e1 cut),
+        acc1_cut = A(z | e0 cut), and fusion_spread NaN (a late fusion cannot collapse: its prediction always sums
+        both modalities' terms; d_util is undefined only when A(z) is at chance).
+    """
+    compute_cut_means(model, train_loader, device, autocast_dtype)
+    fused = evaluate(model, test_loader, device, FusionMode.FUSED, autocast_dtype)
+    cut = evaluate(model, test_loader, device, FusionMode.CUT, autocast_dtype)  # acc0: m1 cut, acc1: m0 cut
+    out = {"acc": fused["acc"], "acc0": fused["acc"], "acc1": fused["acc"],
+           "acc0_cut": cut["acc0"], "acc1_cut": cut["acc1"]}
+    out.update(utilization_rates(out["acc0"], out["acc1"], out["acc0_cut"], out["acc1_cut"]))
+    level = chance_level(fused["classes"], fused["n"])
+    reason = (f"the fused prediction at chance: A(z) = {fused['acc']:.3f} <= {level:.3f} (1/K + {CHANCE_SE:g} s.e.)"
+              if fused["acc"] <= level else "")
+    out.update(fusion_spread=math.nan, chance=level, d_util_undefined=reason)
+    if reason:
+        out["d_util"] = math.nan
     return out
 
 

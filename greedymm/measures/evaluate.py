@@ -40,12 +40,15 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
         mode: fusion mode (fused for validation/test; cut for the conditional utilization rate).
         autocast_dtype: mixed-precision dtype, or None for fp32.
     Returns:
-        Two branches: acc (of (y0_hat + y1_hat) / 2), acc0, acc1, loss (CE(y0_hat) + CE(y1_hat)), loss0, loss1,
-        loss_fused (CE of the fused logits), n (samples) and classes (K, the logits' width). A uni-modal network:
+        Two branches: acc (of `model.predict(y0_hat, y1_hat)`: MMTM (y0_hat + y1_hat) / 2, late fusion z = the sum),
+        acc0, acc1 (of y0_hat, y1_hat: late fusion's partial logits), loss (the training loss: CE(y0_hat) +
+        CE(y1_hat), late fusion CE(z)), loss0, loss1, loss_fused (CE of the fused logits), n (samples) and classes
+        (K, the logits' width). A uni-modal network:
         acc, loss, n and classes.
     """
     device = device or next(model.parameters()).device
     two = is_two_branch(model)
+    predict = getattr(model, "predict", TwoBranchNet.predict)
     was_training = model.training
     model.eval()
     totals = torch.zeros(6 if two else 2, dtype=torch.float64, device=device)
@@ -59,7 +62,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
                 y_hat = model(model_input(model, x0, x1))
         if two:
             y0_hat, y1_hat = y0_hat.float(), y1_hat.float()
-            fused = TwoBranchNet.predict(y0_hat, y1_hat)
+            fused = predict(y0_hat, y1_hat)  # (B, K): MMTM the mean, late fusion the sum z
             losses = [F.cross_entropy(out, y, reduction="sum") for out in (y0_hat, y1_hat, fused)]
             corrects = [correct(out, y) for out in (fused, y0_hat, y1_hat)]
             totals += torch.stack(losses + corrects).double()
@@ -74,7 +77,9 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
     t = [v / n for v in totals.tolist()]  # the one host synchronisation
     if not two:
         return {"acc": t[1], "loss": t[0], "n": n, "classes": classes}
-    return {"acc": t[3], "acc0": t[4], "acc1": t[5], "loss": t[0] + t[1], "loss0": t[0], "loss1": t[1],
+    # The loss the model trains with: MMTM CE(y0_hat) + CE(y1_hat), late fusion CE(z) (SPEC Sec. 13).
+    loss = t[2] if getattr(model, "is_late", False) else t[0] + t[1]
+    return {"acc": t[3], "acc0": t[4], "acc1": t[5], "loss": loss, "loss0": t[0], "loss1": t[1],
             "loss_fused": t[2], "n": n, "classes": classes}
 
 
@@ -88,5 +93,5 @@ def corrects(out: Outputs, y: torch.Tensor) -> Dict[str, torch.Tensor]:
     if "y" in out:
         return {"correct": correct(out["y"].detach(), y)}
     y0_hat, y1_hat = out["y0"].detach(), out["y1"].detach()
-    return {"correct": correct(TwoBranchNet.predict(y0_hat, y1_hat), y), "correct0": correct(y0_hat, y),
-            "correct1": correct(y1_hat, y)}
+    fused = out["z"].detach() if "z" in out else TwoBranchNet.predict(y0_hat, y1_hat)  # late fusion: z
+    return {"correct": correct(fused, y), "correct0": correct(y0_hat, y), "correct1": correct(y1_hat, y)}

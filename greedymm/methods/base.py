@@ -75,7 +75,8 @@ class Method:
     """A training method as the trainer sees it: the network it trains, the fusion mode of each step, the forward
     pass, the loss and its backward pass, and hooks after the backward pass (after the CLS), after each step and at
     the end of an epoch. This base class is the paper's multi-modal training with regular steps only (vanilla, SPEC
-    Sec. 2 and 5): the two-branch model and the loss CE(y0_hat, y) + CE(y1_hat, y). Methods override what they change;
+    Sec. 2 and 5): the two-branch model and the loss CE(y0_hat, y) + CE(y1_hat, y), or CE(z, y) on a late-fusion model
+    (SPEC Sec. 13). Methods override what they change;
     the trainer keeps the rest (CLS, logs, checkpoints, exact resume) the same for all.
 
     Args:
@@ -127,17 +128,27 @@ class Method:
         """The training forward pass (run under autocast by the trainer).
 
         Returns:
-            {"y0": (B, K), "y1": (B, K)} logits.
+            {"y0": (B, K), "y1": (B, K)} logits; a late-fusion model (`model.is_late`) gives its partial logits
+            there and adds "z": the fused logits z = model.predict(y0, y1) (SPEC Sec. 13).
         """
         y0_hat, y1_hat = model(x0, x1, ctx.mode)
+        if getattr(model, "is_late", False):
+            return {"y0": y0_hat, "y1": y1_hat, "z": model.predict(y0_hat, y1_hat)}
         return {"y0": y0_hat, "y1": y1_hat}
 
     def loss(self, out: Outputs, y: torch.Tensor, ctx: StepContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The training loss and its named terms (logged per step and averaged per epoch as train_<name>).
 
         Returns:
-            (loss, {"loss0": CE(y0_hat, y), "loss1": CE(y1_hat, y)}), the loss being their sum (SPEC Sec. 2).
+            MMTM: (loss, {"loss0": CE(y0_hat, y), "loss1": CE(y1_hat, y)}), the loss being their sum (SPEC Sec. 2).
+            Late fusion ("z" in `out`): (CE(z, y), {"loss0", "loss1"}: the CE of the partial logits, for the logs
+            only, without gradient) (SPEC Sec. 13).
         """
+        if "z" in out:
+            with torch.no_grad():
+                loss0 = F.cross_entropy(out["y0"].detach().float(), y)
+                loss1 = F.cross_entropy(out["y1"].detach().float(), y)
+            return F.cross_entropy(out["z"].float(), y), {"loss0": loss0, "loss1": loss1}
         loss0 = F.cross_entropy(out["y0"].float(), y)
         loss1 = F.cross_entropy(out["y1"].float(), y)
         return loss0 + loss1, {"loss0": loss0, "loss1": loss1}

@@ -153,8 +153,9 @@ class GradientBlending(Method):
             (loss, {"loss0", "loss1", "loss_fused"}: the unweighted CE of each head).
         """
         y0_hat, y1_hat = out["y0"].float(), out["y1"].float()
+        fused = out["z"].float() if "z" in out else TwoBranchNet.predict(y0_hat, y1_hat)  # late fusion: z
         losses = torch.stack([F.cross_entropy(y0_hat, y), F.cross_entropy(y1_hat, y),
-                              F.cross_entropy(TwoBranchNet.predict(y0_hat, y1_hat), y)])  # (3,)
+                              F.cross_entropy(fused, y)])  # (3,)
         return (self._w * losses).sum(), {"loss0": losses[0], "loss1": losses[1], "loss_fused": losses[2]}
 
     def after_backward(self, model: nn.Module, out: Outputs, y: torch.Tensor,

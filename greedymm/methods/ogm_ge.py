@@ -65,13 +65,14 @@ def ogm_coefficients(y0_hat: torch.Tensor, y1_hat: torch.Tensor, y: torch.Tensor
     return rho, k0, k1
 
 
-def encoder_weights(branch: nn.Module) -> List[nn.Parameter]:
+def encoder_weights(branch: nn.Module, head: bool = True) -> List[nn.Parameter]:
     """The weights OGM-GE modulates in a branch: those of its convolutions (the 4-D gradients of their code; not the
     convolutions' biases, the norms, the linear head). A branch without convolutions (an MLP on vectors) gives the
     weights of its linear layers but the final one (`greedymm.models.final_linear`, the head).
 
     Args:
-        branch: an nn.Sequential of named stages (e.g. `TwoBranchNet.branch0`).
+        branch: an nn.Sequential of named stages (e.g. `TwoBranchNet.branch0`), or a late-fusion encoder.
+        head: whether `branch` ends in its head (a TwoBranchNet branch); False for an encoder, which has none.
     Returns:
         The parameters, in module order; empty if the branch has neither.
     """
@@ -79,8 +80,8 @@ def encoder_weights(branch: nn.Module) -> List[nn.Parameter]:
     if convs:
         return convs
     linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
-    head = final_linear(branch) if linears else None
-    return [m.weight for m in linears if m is not head]
+    last = final_linear(branch) if linears and head else None
+    return [m.weight for m in linears if m is not last]
 
 
 @register
@@ -129,11 +130,14 @@ class OGMGE(Method):
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
-        branches = [getattr(model, name, None) for name in ("branch0", "branch1")]
-        if any(b is None for b in branches):
-            raise TypeError(f"algorithm {self.name!r} modulates the branches `branch0` and `branch1` of a "
-                            f"TwoBranchNet; {type(model).__name__} has no such attributes")
-        self.modulated = (encoder_weights(branches[0]), encoder_weights(branches[1]))
+        if getattr(model, "is_late", False):  # the encoders hold no head: all their convolutions (or linears)
+            self.modulated = tuple(encoder_weights(model.encoder(k), head=False) for k in (0, 1))
+        else:
+            branches = [getattr(model, name, None) for name in ("branch0", "branch1")]
+            if any(b is None for b in branches):
+                raise TypeError(f"algorithm {self.name!r} modulates the branches `branch0` and `branch1` of a "
+                                f"TwoBranchNet; {type(model).__name__} has no such attributes")
+            self.modulated = (encoder_weights(branches[0]), encoder_weights(branches[1]))
         for k, params in enumerate(self.modulated):
             if not params:
                 raise ValueError(f"algorithm {self.name!r} modulates the convolution weights of each branch (or, "

@@ -74,6 +74,8 @@ class RUBi(Method):
         CE(y0_hat * mask, y) + CE(y1_hat * mask, y) + CE(c2(c1(e_b)), y).
     Evaluation, the CLS and the CUR use y0_hat, y1_hat without the mask; c1, c2 belong to no CLS group. Regular
     (fused) steps only. The logged loss0/loss1 are the masked terms the optimizer sees; loss_bias is the third.
+    On a late-fusion model (SPEC Sec. 13) e_b is encoder b's output, which sees modality b alone, and the loss is
+    CE(z * mask, y) + CE(c2(c1(e_b)), y) (logged as loss_fused and loss_bias).
 
     Args:
         settings: RUBiSettings (rubi_bias: the bias modality, "m0" or "m1").
@@ -94,11 +96,18 @@ class RUBi(Method):
 
     def setup(self, model: nn.Module) -> nn.Module:
         super().setup(model)
+        if getattr(model, "is_late", False):
+            self.heads = RUBiHeads(model.features[self.bias], model.num_classes)
+            return self.heads
         head = final_linear(model.branch1 if self.bias == 1 else model.branch0)
         self.heads = RUBiHeads(head.in_features, head.out_features)
         return self.heads
 
     def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, ctx: StepContext) -> Outputs:
+        if getattr(model, "is_late", False):  # encoder b sees modality b alone: its features are the bias input
+            y0_hat, y1_hat, features = model(x0, x1, ctx.mode, return_features=True)
+            c1, c2 = self.heads(features[self.bias].detach())
+            return {"y0": y0_hat, "y1": y1_hat, "z": model.predict(y0_hat, y1_hat), "c1": c1, "c2": c2}
         if self.settings.rubi_bias_input == "fused":
             y0_hat, y1_hat, features = model(x0, x1, ctx.mode, return_features=True)
         elif all(m.has_running_scales for m in model.mmtms.values()):  # the running means of the previous steps
@@ -118,6 +127,10 @@ class RUBi(Method):
 
     def loss(self, out: Outputs, y: torch.Tensor, ctx: StepContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         mask = torch.sigmoid(out["c1"].float())  # (B, K)
+        if "z" in out:  # late fusion: the one fused loss, masked (SPEC Sec. 13)
+            loss_fused = F.cross_entropy(out["z"].float() * mask, y)
+            loss_bias = F.cross_entropy(out["c2"].float(), y)
+            return loss_fused + loss_bias, {"loss_fused": loss_fused, "loss_bias": loss_bias}
         loss0 = F.cross_entropy(out["y0"].float() * mask, y)
         loss1 = F.cross_entropy(out["y1"].float() * mask, y)
         loss_bias = F.cross_entropy(out["c2"].float(), y)

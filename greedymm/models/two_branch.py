@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,6 +52,38 @@ def final_linear(branch: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def strip_final_linear(branch: nn.Sequential) -> Tuple[nn.Sequential, nn.Linear]:
+    """A branch's encoder: the same modules (shared, not copied) with its final linear layer left out.
+
+    The branch's last stage holds the final nn.Linear (`final_linear`), directly or in nested nn.Sequentials (the
+    zoo's `head` = pool, flatten, linear); the containers on the way to it are rebuilt without it, the rest is the
+    branch's own modules.
+
+    Args:
+        branch: an nn.Sequential of named stages whose last stage ends in the nn.Linear(F, K).
+    Returns:
+        (encoder: x -> pooled features (B, F), the removed nn.Linear).
+    """
+    head = final_linear(branch)  # ValueError if the last stage has no nn.Linear
+    return _without(branch, head), head
+
+
+def _without(container: nn.Sequential, target: nn.Module) -> nn.Sequential:
+    """A new nn.Sequential of `container`'s children with `target` dropped (searched in its last child)."""
+    children = list(container.named_children())
+    name, last = children[-1]
+    kept: "OrderedDict[str, nn.Module]" = OrderedDict(children[:-1])
+    if last is target:
+        pass
+    elif isinstance(last, nn.Sequential) and any(m is target for m in last.modules()):
+        kept[name] = _without(last, target)
+    else:
+        raise ValueError(f"the final linear layer sits inside {type(last).__name__} {name!r}, which is not an "
+                         "nn.Sequential: a late-fusion encoder needs it as the last module of nested nn.Sequentials, "
+                         "e.g. a last stage (pool, flatten, nn.Linear(F, K))")
+    return nn.Sequential(kept)
+
+
 def _fusion_pair(entry: Union[int, Sequence[int]], stage: str) -> Tuple[int, int]:
     """A fusion_channels entry, C or (C_A, C_B), as (C_A, C_B)."""
     if not isinstance(entry, Sequence):
@@ -68,7 +101,9 @@ class TwoBranchNet(nn.Module):
     vectors and a CNN on images), and so may their channels at a fusion stage (C_A for branch 0, C_B for
     branch 1). Features may be vectors (B, C), sequences (B, C, T), images (B, C, H, W) or volumes
     (B, C, D, H, W). The last stage returns the logits. The forward returns (y0_hat, y1_hat); the model's
-    prediction is their mean (`predict`).
+    prediction is their mean (`predict`). The fusion-agnostic contract (shared with the late-fusion nets,
+    `greedymm.models.late_fusion`): `fusion` ("mmtm"), `is_late` (False: the loss is CE(y0_hat) + CE(y1_hat)),
+    `predict`, `encoder(k)`, `cls_groups()`, `has_running_scales`.
 
     Args:
         branch0: the m0 branch.
@@ -78,6 +113,9 @@ class TwoBranchNet(nn.Module):
             last conv (out_channels), batch/group norm or linear layer (out_features).
         ratio: the MMTM bottleneck ratio.
     """
+
+    fusion = "mmtm"  # the fusion's registered name (greedymm.models.fusions)
+    is_late = False  # two branch losses, not one fused loss
 
     def __init__(self, branch0: nn.Sequential, branch1: nn.Sequential, fusion_stages: Sequence[str],
                  fusion_channels: Optional[Sequence[Union[int, Sequence[int]]]] = None, ratio: int = 4) -> None:
@@ -156,6 +194,18 @@ class TwoBranchNet(nn.Module):
         """The multi-modal prediction: the mean of the two branches' logits, (B, K)."""
         return (y0_hat + y1_hat) / 2
 
+    def encoder(self, k: int) -> nn.Sequential:
+        """Branch k's layers up to its pooled features e_k (its final linear layer left out; the modules are the
+        branch's own). Its parameters are branch k's but the head's; run alone, it skips the MMTMs."""
+        if k not in (0, 1):
+            raise ValueError(f"encoder k={k!r} must be 0 (m0) or 1 (m1)")
+        return strip_final_linear(self.branch1 if k == 1 else self.branch0)[0]
+
+    @property
+    def has_running_scales(self) -> bool:
+        """Whether a regular training step has filled every MMTM's running means (re-balancing needs them)."""
+        return all(m.has_running_scales for m in self.mmtms.values())
+
     def cls_groups(self) -> Dict[str, List[nn.Parameter]]:
         """The parameter groups of the conditional learning speed (SPEC Sec. 4), from the model's structure.
 
@@ -233,16 +283,25 @@ class UniModalNet(nn.Module):
     @classmethod
     def from_two_branch(cls, model: TwoBranchNet, modality: int) -> "UniModalNet":
         """The uni-modal counterpart of a two-branch model: a copy of branch `modality` (with its current weights)
-        and a fresh `SqueezeExcite` after each fusion stage, with that MMTM's hidden size.
+        and a fresh `SqueezeExcite` after each fusion stage, with that MMTM's hidden size; of a late-fusion model,
+        a copy of encoder `modality` and a fresh linear classifier (no SE blocks: it has no MMTMs).
 
         Args:
-            model: the two-branch model (left unchanged; nothing is shared with it).
+            model: the two-branch (or late-fusion) model (left unchanged; nothing is shared with it).
             modality: 0 (branch 0, reads m0) or 1 (branch 1, reads m1).
         Returns:
             A UniModalNet.
         """
         if modality not in (0, 1):
             raise ValueError(f"modality={modality!r} must be 0 (m0) or 1 (m1)")
+        if getattr(model, "is_late", False):
+            # A late-fusion model (SPEC Sec. 13) has no fusion blocks inside its encoders: the uni-modal network is a
+            # copy of encoder k and a fresh linear classifier nn.Linear(F_k, K), with no SE blocks.
+            encoder = copy.deepcopy(model.encoder(modality))
+            stages = OrderedDict(encoder.named_children() if isinstance(encoder, nn.Sequential) else
+                                 [("encoder", encoder)])
+            stages["classifier"] = nn.Linear(model.features[modality], model.num_classes)
+            return cls(nn.Sequential(stages), {}, modality)
         branch = copy.deepcopy(model.branch1 if modality == 1 else model.branch0)
         se = {stage: SqueezeExcite(m.channels_b if modality == 1 else m.channels_a, m.hidden)
               for stage, m in model.mmtms.items()}

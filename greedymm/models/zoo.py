@@ -1,6 +1,6 @@
-"""Branches and two-branch models by name (SPEC Sec. 2 and 10): ResNet18 branches for the renders, the four-layer
-digit CNN, a small CNN for quick runs and custom data, the MMTM-fused models built from them, the dataset specs'
-`default_model` names, and model factories named by "module:function" (the studies' `model`).
+"""Branches and two-branch models by name (SPEC Sec. 2, 10 and 13): ResNet18 branches for the renders, the four-layer
+digit CNN, a small CNN for quick runs and custom data, the MMTM-fused and late-fusion models built from them, the
+dataset specs' `default_model` names, and model factories named by "module:function" (the studies' `model`).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from ..data.registry import resolve
+from .fusions import as_fusion
 from .two_branch import TwoBranchNet
 
 RESNET_FUSION_STAGES = ("layer2", "layer3", "layer4")
@@ -183,6 +184,23 @@ def build_two_branch(branch_name: str, num_classes: int, channels: Tuple[int, in
     if branch_name not in TWO_BRANCH:
         raise ValueError(f"branch_name={branch_name!r} is unknown; allowed: {', '.join(TWO_BRANCH)}")
     return TWO_BRANCH[branch_name](num_classes, tuple(channels))
+
+
+def build_model(branch_name: str, num_classes: int, channels: Tuple[int, int] = (3, 3),
+                fusion: str = "mmtm") -> nn.Module:
+    """A two-branch model of the zoo with fusion `fusion`, randomly initialised (seed torch first).
+
+    Args:
+        branch_name: "resnet18" (SPEC Sec. 2), "digits" (SPEC Sec. 10) or "convnet".
+        num_classes: K.
+        channels: input channels of m0 and m1.
+        fusion: a registered fusion (`greedymm.models.fusions`): "mmtm" (the TwoBranchNet of `build_two_branch`,
+            the same weights), "late_concat" or "late_sum" (its branches without their final layers, and a fresh
+            late-fusion head).
+    Returns:
+        The model.
+    """
+    return as_fusion(build_two_branch(branch_name, num_classes, channels), fusion)
 
 
 # Modules renamed since run names recorded them: "greedymm.model:mmtm_convnet" names the same model (and run) still.
