@@ -123,13 +123,14 @@ class AGM(Method):
 
     def forward(self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, ctx: StepContext) -> Outputs:
         out = super().forward(model, x0, x1, ctx)
-        if is_late(model):  # z_k reads e_k only: re-balancing the other modality leaves it unchanged
-            alone0, alone1 = out["y0"].detach(), out["y1"].detach()
-        else:  # after the regular pass, which gives the running means their first values
-            with torch.no_grad(), frozen_norm_stats(model):
-                alone0 = model(x0, x1, FusionMode.REBALANCE_M0)[0]
-                alone1 = model(x0, x1, FusionMode.REBALANCE_M1)[1]
-        out["phi0"], out["phi1"] = shapley_responses(model, out["y0"].detach(), out["y1"].detach(), alone0, alone1)
+        y0_hat, y1_hat = out["y0"].detach(), out["y1"].detach()
+        if is_late(model):  # z_k reads e_k only, so v({k}) = z_k and the Shapley responses are z_0, z_1 exactly
+            out["phi0"], out["phi1"] = y0_hat, y1_hat
+            return out
+        with torch.no_grad(), frozen_norm_stats(model):  # after the regular pass, which fills the running means
+            alone0 = model(x0, x1, FusionMode.REBALANCE_M0)[0]
+            alone1 = model(x0, x1, FusionMode.REBALANCE_M1)[1]
+        out["phi0"], out["phi1"] = shapley_responses(model, y0_hat, y1_hat, alone0, alone1)
         return out
 
     @torch.no_grad()
