@@ -280,41 +280,40 @@ def test_agm_step_scales_each_encoders_weights_by_its_kappa(fusion):
 
 
 # ------------------------------------------------------------------------------------------------ through the trainer
-class MuSpy:
-    """Records mu of the CLS groups from the gradients as `after_backward` receives them (before its edits)."""
-
-    def __init__(self):
-        self.seen = []
-
-    def record(self, model):
-        groups = model.cls_groups()
-        mu = {}
-        for g in CLS_GROUPS:
-            params = groups[g]
-            grad = sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None)
-            mu[g] = grad / sum(float((p.detach().double() ** 2).sum()) for p in params)
-        self.seen.append(mu)
+def group_mu(model):
+    """mu of each CLS group from the model's current gradients, by hand."""
+    groups, mu = model.cls_groups(), {}
+    for g in CLS_GROUPS:
+        grad = sum(float((p.grad.double() ** 2).sum()) for p in groups[g] if p.grad is not None)
+        mu[g] = grad / sum(float((p.detach().double() ** 2).sum()) for p in groups[g])
+    return mu
 
 
 @pytest.mark.parametrize("algorithm", ["mmpareto", "agm"])
 def test_the_cls_is_measured_before_the_modulation(tmp_path, toy_loaders, algorithm):
-    spy = MuSpy()
+    seen = []
     cls = get_method(algorithm)
 
     class Spied(cls):
+        def forward(self, model, x0, x1, ctx):
+            self.inputs = (x0, x1)
+            return super().forward(model, x0, x1, ctx)
+
         def after_backward(self, model, out, y, ctx):
-            spy.record(model)
+            ref = copy.deepcopy(model)  # the same weights: the gradients of the plain loss, with no edit
+            ref.zero_grad(set_to_none=True)
+            self.loss(self.forward(ref, *self.inputs, ctx), y, ctx)[0].backward()
             logs = super().after_backward(model, out, y, ctx)
-            spy.record(model)
+            seen.append((group_mu(ref), group_mu(model)))
             return logs
 
-    res = train(fresh_model(), toy_loaders[0], make_cfg(tmp_path, algorithm, options={"agm_alpha": 1.0}),
-                method=Spied(cls.Settings(**({"agm_alpha": 1.0} if algorithm == "agm" else {}))))
+    settings = cls.Settings(**({"agm_alpha": 1.0} if algorithm == "agm" else {}))
+    res = train(fresh_model(), toy_loaders[0], make_cfg(tmp_path, algorithm), method=Spied(settings))
     steps = read_jsonl(res.log_dir / "steps.jsonl")
-    assert len(steps) * 2 == len(spy.seen)
-    for s, before, after in zip(steps, spy.seen[::2], spy.seen[1::2]):
-        assert_close((s["mu_m0"], s["mu_m1"]), (before["m0"], before["m1"]), rtol=1e-5, atol=0)
-    assert any(abs(a["m0"] - b["m0"]) > 1e-3 * b["m0"] for b, a in zip(spy.seen[::2], spy.seen[1::2]))
+    assert len(steps) == len(seen)
+    for s, (plain, _) in zip(steps, seen):
+        assert_close([s[f"mu_{g}"] for g in CLS_GROUPS], [plain[g] for g in CLS_GROUPS], rtol=1e-5, atol=0)
+    assert any(abs(edited["m0"] - plain["m0"]) > 1e-3 * plain["m0"] for plain, edited in seen)  # it did modulate
 
 
 @pytest.mark.parametrize("algorithm, fusion", [(a, "mmtm") for a in FIELD] + [("mmpareto", "late_concat"),
