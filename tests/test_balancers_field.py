@@ -207,6 +207,24 @@ def test_pmr_loss_against_a_hand_computation():
     assert_close(prototype_entropy(torch.zeros(3, 4)), torch.tensor(math.log(4)))
 
 
+def test_pmr_coefficients_carry_no_gradient():
+    # m1's prototype score 2 / (1 + e^-0.4) against m0's 2 / (1 + e^-2): rho = 1.47, b1 = 0.47, not saturated
+    method = PMR(PMRSettings(pmr_alpha=2.0, pmr_mu=0.5))
+    method.prototypes, method.since = [torch.tensor([[0.0], [2.0]]), torch.tensor([[0.0], [1.0]])], 1
+    y = torch.tensor([0, 1])
+    e0, e1 = torch.tensor([[0.0], [2.0]], requires_grad=True), torch.tensor([[0.3], [0.7]], requires_grad=True)
+    out = {"y0": torch.zeros(2, 2), "y1": torch.zeros(2, 2), "e0": e0, "e1": e1}
+    loss, terms = method.loss(out, y, step(epoch=1))
+    b1 = float(terms["pmr_b1"])
+    assert 0.4 < b1 < 0.5 and float(terms["pmr_b0"]) == 0.0
+    loss.backward()
+    f0, f1 = e0.detach().requires_grad_(), e1.detach().requires_grad_()
+    want = (2.0 * b1 * F.cross_entropy(prototype_logits(f1, method.prototypes[1]), y)
+            - 0.5 * b1 * prototype_entropy(prototype_logits(f0, method.prototypes[0])))
+    want.backward()
+    assert_close(e0.grad, f0.grad) and assert_close(e1.grad, f1.grad)
+
+
 def test_pmr_prototypes_are_the_last_epochs_class_means():
     method = PMR(PMRSettings(pmr_momentum=0.25))
     y = torch.tensor([0, 1, 0])
