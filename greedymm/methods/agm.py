@@ -104,7 +104,8 @@ class AGM(Method):
     color = "tab:cyan"
     order = 11
     Settings = AGMSettings
-    sweeps = (Sweep("agm_alpha", (0.05, 0.1, 0.3, 1.0), "AGM modulation strength", "$\\alpha$", "α", log_x=True),)
+    sweeps = (Sweep("agm_alpha", (0.05, 0.1, 0.3, 1.0), "AGM modulation strength", "$\\alpha$", "α", log_x=True,
+                    param="SENS_AGM_ALPHAS"),)
 
     def __init__(self, settings: Optional[MethodSettings] = None, seed: int = 0) -> None:
         super().__init__(settings, seed)

@@ -96,7 +96,8 @@ class MMPareto(Method):
     color = "tab:red"
     order = 8
     Settings = MMParetoSettings
-    sweeps = (Sweep("mmpareto_gamma", (1.0, 1.5, 2.0), "MMPareto magnitude boost", "$\\gamma$", "γ"),)  # ours
+    sweeps = (Sweep("mmpareto_gamma", (1.0, 1.5, 2.0), "MMPareto magnitude boost", "$\\gamma$", "γ",
+                    param="SENS_GAMMAS"),)  # ours
 
     def __init__(self, settings: Optional[MethodSettings] = None, seed: int = 0) -> None:
         super().__init__(settings, seed)

@@ -101,7 +101,8 @@ class OPM(Rebalancing):
     color = "tab:green"
     order = 9
     Settings = OPMSettings
-    sweeps = (Sweep("opm_q_base", (0.1, 0.3, 0.5, 0.7), "OPM base drop probability", "$q_{base}$", "q_base"),)
+    sweeps = (Sweep("opm_q_base", (0.1, 0.3, 0.5, 0.7), "OPM base drop probability", "$q_{base}$", "q_base",
+                    param="SENS_Q_BASES"),)
 
     def __init__(self, settings: Optional[MethodSettings] = None, seed: int = 0) -> None:
         super().__init__(settings, seed)

@@ -92,7 +92,8 @@ class PMR(Method):
     color = "tab:olive"
     order = 10
     Settings = PMRSettings
-    sweeps = (Sweep("pmr_alpha", (0.5, 1.0, 2.0), "PMR prototypical CE weight", "$\\alpha$", "α"),)
+    sweeps = (Sweep("pmr_alpha", (0.5, 1.0, 2.0), "PMR prototypical CE weight", "$\\alpha$", "α",
+                    param="SENS_PMR_ALPHAS"),)
 
     def __init__(self, settings: Optional[MethodSettings] = None, seed: int = 0) -> None:
         super().__init__(settings, seed)
