@@ -68,10 +68,13 @@ def _run_plan(args: argparse.Namespace) -> Any:
     values = _settings(args.config, args.set, studies=False)
     if args.dataset is not None:
         values["DATASET"] = args.dataset
-    if args.methods is not None:  # exactly these rows
-        values.update(ALGORITHMS=list(args.methods), UNIMODAL=False)
+    if args.methods is not None:  # exactly these rows; "all": every registered two-branch method
+        rows = [n for n, m in methods().items() if m.multimodal] if args.methods == ["all"] else list(args.methods)
+        values.update(ALGORITHMS=rows, UNIMODAL=False)
     if args.seeds is not None:
         values["SEEDS"] = list(args.seeds)
+    if args.fusion is not None:
+        values["FUSION"] = args.fusion
     return experiment_plan(values)
 
 
@@ -129,10 +132,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the registered methods and datasets")
     run = sub.add_parser("run", help="train and measure one table, as greedy_multimodal.ipynb")
     run.add_argument("--dataset", help="DATASET (default: the YAML file's, else modelnet40)")
-    run.add_argument("--methods", nargs="+", metavar="M", help="exactly these rows (ALGORITHMS, UNIMODAL off)")
+    run.add_argument("--methods", nargs="+", metavar="M", help="exactly these rows (ALGORITHMS, UNIMODAL off); all: every registered two-branch method")
     run.add_argument("--seeds", nargs="+", type=int, metavar="S", help="SEEDS")
+    run.add_argument("--fusion", help="FUSION: mmtm (default), late_concat or late_sum")
     study = sub.add_parser("study", help="run the studies of paper_studies.ipynb")
-    study.add_argument("--only", nargs="+", metavar="STUDY", help="greedy_learner, regularization, sensitivity")
+    study.add_argument("--only", nargs="+", metavar="STUDY",
+                       help="greedy_learner (greedy_learner_<fusion> with GREEDY_FUSIONS), regularization, sensitivity")
     for s in (run, study):
         s.add_argument("--config", metavar="FILE.yaml", help="notebook parameters (a papermill -f file)")
         s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

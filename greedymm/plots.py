@@ -1,5 +1,5 @@
-"""Figures of the experiment (paper Sec. 5, Figs. 2-4): the chosen views, learning curves, d_speed over training with
-the re-balancing steps shaded, and d_util per method in its registered colour. Every function returns a Figure built
+"""Figures of the experiment (paper Sec. 5, Figs. 2-4; SPEC Sec. 13): the chosen views, learning curves, d_speed with
+the re-balancing steps shaded, d_util per method in its registered colour, and the robustness curves. Every function returns a Figure built
 without pyplot: no global state, nothing shown twice in a notebook, `fig.savefig` for files.
 """
 from __future__ import annotations
@@ -213,4 +213,38 @@ def plot_d_util(d_utils: Mapping[str, Sequence[float]], paper: Optional[Mapping[
     if paper:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_robustness(curves: Mapping[str, Sequence[Mapping[str, Sequence]]]) -> Figure:
+    """The robustness curves of each row (SPEC Sec. 13): fused test accuracy as noise of growing sigma is added to
+    one modality's input, then with that modality cut; one panel per row, m0 and m1 noised, mean over seeds (the
+    seeds as thin lines).
+
+    Args:
+        curves: algorithm -> one record per seed, each with robust_sigmas (the levels, then "cut"), robust0 and
+            robust1 (`greedymm.measures.contribution.robustness_curves`).
+    Returns:
+        The figure.
+    """
+    names = list(curves)
+    fig = Figure(figsize=(0.6 + 2.6 * max(1, len(names)), 3.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(names)), sharey=True, squeeze=False)[0])
+    for ax, name in zip(axes, names):
+        runs = list(curves[name])
+        labels = [str(s) if s == "cut" else f"{float(s):g}" for s in runs[0]["robust_sigmas"]] if runs else []
+        x = np.arange(len(labels))
+        for k, color in ((0, "tab:green"), (1, "tab:red")):
+            ys = np.array([r[f"robust{k}"] for r in runs], dtype=float)  # (seeds, levels)
+            for y in ys:
+                ax.plot(x, y, color=color, lw=0.6, alpha=0.35)
+            if len(ys):
+                ax.plot(x, np.nanmean(ys, axis=0), color=color, lw=2, marker="o", ms=3, label=f"noise on m{k}")
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("noise σ (input stds over D_train)")
+        ax.set_title(name, fontsize=10, color=method_color(name, "k"))
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fused test accuracy")
+    axes[0].legend(fontsize=7)
     return fig

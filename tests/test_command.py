@@ -71,10 +71,11 @@ def test_run_prints_the_table_and_writes_the_results_file(toy, tmp_path, capsys)
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "logging" / "results_toy.json").read_text())
     assert results["rows"] == ["unimodal_m1", "vanilla"] and results["seeds"] == [0]
-    assert set(results) == {"dataset", "views", "device", "seeds", "rows", "runs", "summary", "figures",
+    assert set(results) == {"dataset", "fusion", "views", "device", "seeds", "rows", "runs", "summary", "figures",
                             "steps_this_call", "settings", "device_name", "torch", "date", "wall_s"}
+    assert results["fusion"] == "mmtm"
     assert results["settings"]["data"]["dataset"] == "toy" and results["wall_s"] > 0
-    assert len(results["figures"]) == 4 and all(r["status"] == "ok" for r in results["runs"])
+    assert len(results["figures"]) == 5 and all(r["status"] == "ok" for r in results["runs"])  # + robustness
     table = format_table(summarize(results["runs"]), paper_column("toy"))
     assert table in out and out.count("toy_vanilla_s0_") == 1  # the report line of the run
     assert "| unimodal_m1 (best) | 1 |" in table
@@ -93,3 +94,11 @@ def test_study_runs_the_notebooks_plan(tmp_path, capsys):
     summary = json.loads((tmp_path / "logging" / "studies" / "summary.json").read_text())
     assert list(summary["studies"]) == ["regularization"] and summary["studies"]["regularization"]["ran"] == 2
     assert "| l1 | rho | d_util | d_util_last | d_speed | acc |" in out and "regularization_embedded: 2 runs recorded" in out
+
+
+def test_methods_all_means_every_registered_two_branch_method():
+    from greedymm.__main__ import _run_plan, parser
+
+    plan = _run_plan(parser().parse_args(["run", "--dataset", "colored_digits", "--methods", "all"]))
+    two_branch = [n for n, m in methods().items() if m.multimodal]
+    assert list(plan.algorithms) == two_branch and "vanilla" in two_branch and "unimodal_m0" not in two_branch

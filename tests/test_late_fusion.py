@@ -182,7 +182,8 @@ def test_late_fusion_cur_by_hand():
     res = conditional_utilization(net, TensorLoader(train_data, batch_size=2, shuffle=False),
                                   TensorLoader(test_data, batch_size=2, shuffle=False))
     assert_close(res["acc"], 1.0)
-    assert_close((res["acc0"], res["acc1"]), (1.0, 1.0))
+    # partial logits: z0 = [-x0, x0] -> 1, 0, 1, 0, 1: correct 1, 0, 1, 1, 0; z1 = [-x1, x1] -> 1, 1, 0, 0, 0: 4/5
+    assert_close((res["acc0"], res["acc1"]), (0.6, 0.8))
     assert_close(res["acc0_cut"], 0.2)
     assert_close(res["acc1_cut"], 0.8)
     assert_close(res["u_m1_m0"], 0.8)

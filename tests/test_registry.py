@@ -103,7 +103,7 @@ def test_a_registered_method_runs_through_the_table_and_the_command(toy, tmp_pat
     assert steps[0]["loss"] == pytest.approx(0.25 * (steps[0]["loss0"] + steps[0]["loss1"]), rel=1e-6)
     assert "d_speed" in steps[0]  # a two-branch method: the CLS is logged
     results = json.loads(exp.results_path.read_text())
-    assert results["rows"] == plan.algorithms and len(results["figures"]) == 4  # views, curves, d_speed, d_util
+    assert results["rows"] == plan.algorithms and len(results["figures"]) == 5  # + robustness
     # the command: the same table from the same runs (resumed), and the same results file
     capsys.readouterr()
     args = ["run", "--dataset", "toy", "--methods", "vanilla", "scaled_vanilla", "--seeds", "0"]

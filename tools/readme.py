@@ -186,6 +186,77 @@ def studies_time() -> str:
     return f"With the `{s['executor']}` executor: " + "; ".join(parts) + "."
 
 
+# ------------------------------------------------------------------------------------------------ make bench (bench)
+# (what the figure is, the reference to compare it with): the value column comes from bench/results.json.
+BENCH_ROWS = (
+    ("data.loader_samples_per_s_224", "two views, batch 8, float output, no workers (samples/s)",
+     "authors' loader ≈ 370 (unpickles all 12 views, PIL per image); target ≥ 1,500"),
+    ("data.loader_uint8_samples_per_s_224", "the same, uint8 as shipped to a GPU (samples/s)", "target ≥ 7,500"),
+    ("data.cache_build_objects_per_s", "cache build, 224 px, 12 views, PNG tree, both cores, forkserver (objects/s)",
+     "authors' build ≈ 60 (one process); target ≥ 100"),
+    ("data.cache_build_objects_per_s_fork", "the same with fork workers (objects/s)", ""),
+    ("data.workers2_first_batch_s_forkserver", "two loader workers, first batch, forkserver (s)", ""),
+    ("data.workers2_first_batch_s_fork", "the same with fork (s)", ""),
+    ("data.embedded_build_s", "the embedded dataset's build, `DataConfig.quick()` (s)", ""),
+    ("data.colored_digits_build_s", "the scikit-learn digits at 28 px, painted and cached (s)", ""),
+    ("data.colored_loader_samples_per_s", "digit loader, batch 128, float (samples/s)", ""),
+    ("train.step_ms_vanilla_224_b8", "a vanilla step, ResNet18 pair, batch 8, 224², CLS off (ms)", ""),
+    ("train.step_ms_rubi_224_b8", "RUBi's step, with its uni-modal bias pass (ms)", "target ≤ 1.05 × vanilla"),
+    ("train.step_ms_ogm_ge_224_b8", "OGM-GE's step (ms)", "target ≤ 1.05 × vanilla"),
+    ("train.step_ms_gblend_224_b8", "Gradient Blending's step (ms)", "target ≤ 1.05 × vanilla"),
+    ("train.step_ms_unimodal_224_b8", "a uni-modal network's step (ms)", ""),
+    ("train.ogm_ge_hook_ms_224_b8", "OGM-GE's modulation and noise alone (ms)", ""),
+    ("train.cls_ms_224_b8", "μ of the four groups and the speeds, timed alone (ms)", "authors' ≈ 16 ms"),
+    ("train.cls_overhead_pct", "the CLS's share of a step (%)", "authors' 1.8 %; target ≤ 1 %"),
+    ("study.runs_per_hour_local", "study runs per hour, `local` executor", ""),
+    ("study.runs_per_hour_processes", "the same, `processes`", ""),
+    ("study.runs_per_hour_ray", "the same, `ray`", ""),
+)
+
+
+def number(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+@block("bench-table")
+def bench_table() -> str:
+    b = bench()
+    lines = ["| figure | what | this machine | reference |", "|---|---|---|---|"]
+    for key, what, ref in BENCH_ROWS:
+        if key in b:
+            lines.append(f"| `{key}` | {what} | {number(b[key])} | {ref} |")
+    for key in sorted(k for k in b if k.startswith("methods.") and k.endswith("_ratio")):
+        lines.append(f"| `{key}` | a step of {key.split('.')[1].rsplit('_ratio', 1)[0]} beside vanilla's (×) | "
+                     f"{b[key]:.2f} | |")
+    return "\n".join(lines) + f"\n\nDevice: {b.get('train.device', 'cpu')}; study setup: {b.get('study.bench_setup', '')}."
+
+
+# --------------------------------------------------------------------------------------- the make targets' wall times
+@block("targets")
+def targets() -> str:
+    def minutes(name: str) -> str:
+        try:
+            return f"{load(name)['wall_s'] / 60:.0f} min"
+        except (FileNotFoundError, KeyError):
+            return "n/a"
+
+    try:
+        studies = load("studies")
+        study_min = f"{sum(v['wall_s'] for v in studies['studies'].values()) / 60:.0f} min"
+    except (FileNotFoundError, KeyError):
+        study_min = "n/a"
+    return "\n".join([
+        "| command | what it runs | measured here (2 CPU cores) |", "|---|---|---|",
+        f"| `make run` | the notebook on the generated embedded dataset (`notebook_embedded.yaml`) | "
+        f"{minutes('embedded')} + install |",
+        f"| `make run-digits` | the notebook on the colored scikit-learn digits (`notebook_digits.yaml`) | "
+        f"{minutes('colored_digits')} |",
+        f"| `make studies` | `paper_studies.ipynb`, the paper's three studies (`studies_embedded.yaml`) | {study_min} |",
+        "| `make balancers` | every registered method, 3 seeds, colored digits and embedded | see docs/balancers.md |",
+        "| `make bench` | the benchmarks, into `bench/results.json` | |",
+        "| `make publish`, `make readme` | copy results into `docs/results/`, rewrite the README's numbers | seconds |"])
+
+
 def render(text: str, where: str = "README.md") -> str:
     """`text` with every generated block rewritten by its renderer."""
     def fill(match: re.Match) -> str:

@@ -15,6 +15,7 @@ import torch
 from .. import __version__
 from ..config import DataConfig, TrainConfig
 from ..methods.base import methods
+from ..models.fusions import fusion_names
 from ..models.zoo import model_factory
 from ..runtime import default_device
 from ..study.executors import EXECUTORS, Executor, make_executor
@@ -33,7 +34,7 @@ TABLE_PARAMETERS: Dict[str, Tuple[str, bool, Any]] = {
     "CKPT_DIR": ("str", False, "checkpoints"), "RESUME": ("bool", False, True), "EVAL_TEST": ("bool", False, True),
     "NUM_WORKERS": ("int", False, 2), "EMBEDDED_PER_CLASS": ("int", False, 120),
     "EMBEDDED_TEST_PER_CLASS": ("int", False, 40), "PRECISION": ("str", False, "auto"),
-    "PROGRESS": ("bool", False, True), "MODEL": ("str", False, ""),
+    "PROGRESS": ("bool", False, True), "MODEL": ("str", False, ""), "FUSION": ("str", False, "mmtm"),
 }
 # paper_studies.ipynb's parameters; the sweeps' grids (SENS_EPSILONS, ...) follow SENSITIVITY (`sweep_parameters`).
 STUDY_PARAMETERS: Dict[str, Tuple[str, bool, Any]] = {
@@ -42,6 +43,7 @@ STUDY_PARAMETERS: Dict[str, Tuple[str, bool, Any]] = {
     "EMBEDDED_TEST_PER_CLASS": ("int", True, None), "MODEL": ("str", False, ""),
     "GREEDY": ("bool", False, True), "GREEDY_LRS": ("list[float]", True, None),
     "GREEDY_SEEDS": ("list[int]", True, None), "GREEDY_PAIRS": ("list[str]", False, ["distinct", "identical"]),
+    "GREEDY_FUSIONS": ("list[str]", False, ["mmtm"]),
     "REGULARIZATION": ("bool", False, True), "REG_L1S": ("list[float]", True, None), "REG_LR": ("float", True, None),
     "REG_SEEDS": ("list[int]", False, [0, 1, 2]), "REG_IMAGE_SIZE": ("int", True, None),
     "REG_EMBEDDED_PER_CLASS": ("int", True, None), "REG_MAX_EPOCHS": ("int", True, None),
@@ -200,7 +202,7 @@ def experiment_plan(values: Mapping[str, Any]) -> ExperimentPlan:
     options = {setting: v[name] for name, (setting, _) in method_parameters().items() if v.get(name) is not None}
     train = TrainConfig.for_dataset(
         v["DATASET"], log_dir=v["LOG_DIR"], ckpt_dir=v["CKPT_DIR"], precision=v.get("PRECISION", "auto"),
-        eval_test=v.get("EVAL_TEST", True), options=options,
+        eval_test=v.get("EVAL_TEST", True), options=options, fusion=v.get("FUSION", "mmtm"),
         **given(lr=v.get("LR"), momentum=v.get("MOMENTUM"), max_epochs=v.get("MAX_EPOCHS")))
     model = v.get("MODEL", "")
     model_factory(model)  # a bad name fails here, with the names allowed, not in the first run
@@ -212,7 +214,7 @@ def experiment_plan(values: Mapping[str, Any]) -> ExperimentPlan:
 class StudyPlan:
     """What the studies notebook (and `python -m greedymm study`) runs."""
 
-    studies: Dict[str, Study]  # "greedy_learner", "regularization", "sensitivity": those switched on
+    studies: Dict[str, Study]  # "greedy_learner" (+ "greedy_learner_<fusion>"), "regularization", "sensitivity"
     executor: Executor  # where the runs execute
     log_dir: str  # root of the runs' logs; the studies' folders are log_dir/studies/<name>/
     ckpt_dir: str  # root of the runs' checkpoints
@@ -254,10 +256,18 @@ def study_plan(values: Mapping[str, Any]) -> StudyPlan:
 
     studies: Dict[str, Study] = {}
     if v.get("GREEDY", True):
-        studies["greedy_learner"] = greedy_learner(dataset, lrs=given(v.get("GREEDY_LRS")),
-                                                   seeds=given(v.get("GREEDY_SEEDS")),
-                                                   pairs=tuple(v.get("GREEDY_PAIRS", ("distinct", "identical"))),
-                                                   **shared)
+        fusions = list(v.get("GREEDY_FUSIONS", ["mmtm"]))
+        unknown = [f for f in fusions if f not in fusion_names()]
+        if unknown or not fusions:
+            raise ValueError(f"GREEDY_FUSIONS={fusions!r}: give one or more of {', '.join(fusion_names())}")
+        for fusion in dict.fromkeys(fusions):  # one study per fusion: its own figures (SPEC Sec. 13)
+            key, name, extra = "greedy_learner", None, {}
+            if fusion != "mmtm":  # the MMTM study keeps its name and runs
+                key, name = f"greedy_learner_{fusion}", f"greedy_learner_{dataset}_{fusion}"
+                extra = {"train": {**shared["train"], "fusion": fusion}}
+            studies[key] = greedy_learner(dataset, lrs=given(v.get("GREEDY_LRS")), seeds=given(v.get("GREEDY_SEEDS")),
+                                          pairs=tuple(v.get("GREEDY_PAIRS", ("distinct", "identical"))), name=name,
+                                          **{**shared, **extra})
     if v.get("REGULARIZATION", True):
         studies["regularization"] = regularization(dataset, l1s=given(v.get("REG_L1S")),
                                                    seeds=tuple(v.get("REG_SEEDS", (0, 1, 2))), lr=v.get("REG_LR"),

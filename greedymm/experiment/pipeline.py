@@ -21,7 +21,8 @@ from ..data.registry import get_dataset
 from ..io import save_figure, save_json
 from ..methods.base import get_method, methods
 from ..models.zoo import model_factory
-from ..plots import pick_examples, plot_d_speed, plot_d_util, plot_learning_curves, plot_pairs, plot_views
+from ..plots import (pick_examples, plot_d_speed, plot_d_util, plot_learning_curves, plot_pairs, plot_robustness,
+                     plot_views)
 from ..runtime import default_device, device_name
 from ..training.logs import read_steps
 from .params import ExperimentPlan
@@ -135,7 +136,8 @@ class Experiment:
         return format_table(self.table, paper_column(self.data.dataset)), failures
 
     def finish(self) -> Path:
-        """Draw d_util per two-branch row and write LOG_DIR/results_<DATASET>.json.
+        """Draw d_util and the robustness curves per two-branch row and write LOG_DIR/results_<DATASET>.json (with
+        the run's fusion).
 
         Returns:
             The results file.
@@ -147,7 +149,13 @@ class Experiment:
         if d_utils:
             self.figure(plot_d_util(d_utils, {k: v["d_util"] for k, v in (paper or {}).items() if "d_util" in v}
                                     or None), "d_util")
-        results = {"dataset": dataset, "views": list(self.data.views), "device": str(self.device),
+        robust = {alg: [r for r in self.runs_cur if r["algorithm"] == alg and r["status"] == "ok" and "robust0" in r]
+                  for alg in plan.algorithms}
+        robust = {alg: rs for alg, rs in robust.items() if rs}
+        if robust:  # the modality measures' robustness curves (SPEC Sec. 13)
+            self.figure(plot_robustness(robust), "robustness")
+        results = {"dataset": dataset, "fusion": plan.train.fusion, "views": list(self.data.views),
+                   "device": str(self.device),
                    "seeds": plan.seeds, "rows": plan.algorithms, "runs": self.runs_cur, "summary": self.table,
                    "figures": self.figures,
                    "steps_this_call": sum(r.get("steps_this_call", 0) for r in self.runs if r["status"] == "ok"),

@@ -18,6 +18,7 @@ from ..config import DataConfig, TrainConfig, run_name, to_dict
 from ..data.loader import Loaders, build_loaders
 from ..data.registry import get_dataset
 from ..io import save_json
+from ..measures.contribution import NAN_MEASURES, modality_measures
 from ..measures.cur import conditional_utilization
 from ..measures.evaluate import evaluate, is_two_branch
 from ..measures.sparsity import sparsity
@@ -66,11 +67,14 @@ class Run:
         model_name: a name for `model_fn` that goes into the run name (so two custom models are two runs).
         device: CUDA if available when None.
         progress: tqdm bars.
+        measures: `utilization` of the best checkpoint also records the modality measures (Shapley, probes,
+            robustness curves: `modality_measures`); the studies, which need the CUR only, leave them out.
     """
 
     def __init__(self, data: DataConfig, train: TrainConfig, model_fn: Optional[ModelFn] = None,
-                 model_name: str = "", device: Device = None, progress: bool = True) -> None:
+                 model_name: str = "", device: Device = None, progress: bool = True, measures: bool = True) -> None:
         self.data, self.model_fn, self.model_name, self.progress = data, model_fn, model_name, progress
+        self.measures = measures
         self.name = run_name(data, train, model_name)
         self.cfg = dataclasses.replace(train, run_name=self.name, progress=progress)
         self.device = torch.device(device) if device is not None else default_device()
@@ -140,7 +144,9 @@ class Run:
             checkpoint: "best" (best.pt) or "last" (last.pt, e.g. for the regularization study, SPEC Sec. 11).
         Returns:
             `record` without its history, plus acc, acc0, acc1, acc0_cut, acc1_cut, u_m1_m0, u_m0_m1 and d_util (NaN
-            where they do not apply or are undefined, with d_util_undefined saying why); also written to
+            where they do not apply or are undefined, with d_util_undefined saying why), and the modality measures
+            (SPEC Sec. 13: shapley0, shapley1, probe0, probe1, robust0, robust1, ...; `modality_measures`); also
+            written to
             logging/<run>/cur.json (cur_last.json for the last checkpoint).
         """
         if checkpoint not in ("best", "last"):
@@ -154,10 +160,13 @@ class Run:
         nan = math.nan
         if is_two_branch(model):
             cur = conditional_utilization(model, loaders.train_eval, loaders.test, device, dtype)
+            if self.measures and checkpoint == "best":
+                cur.update(modality_measures(model, loaders.train_eval, loaders.test, device, dtype, seed=self.seed))
         else:
             res = evaluate(model, loaders.test, device, autocast_dtype=dtype)
             cur = {"acc": res["acc"], "acc0": nan, "acc1": nan, "acc0_cut": nan, "acc1_cut": nan, "u_m1_m0": nan,
-                   "u_m0_m1": nan, "d_util": nan, "fusion_spread": nan, "chance": nan, "d_util_undefined": ""}
+                   "u_m0_m1": nan, "d_util": nan, "fusion_spread": nan, "chance": nan, "d_util_undefined": "",
+                   **NAN_MEASURES}
         out = {**{k: v for k, v in record.items() if k != "history"}, **cur}
         save_json(out, Path(record["log_dir"]) / ("cur.json" if checkpoint == "best" else "cur_last.json"))
         return out

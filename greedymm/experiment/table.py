@@ -31,6 +31,11 @@ PAPER_TABLE1 = {
 }
 PAPER_MODELNET40 = PAPER_TABLE1["modelnet40"]
 SUMMARY_KEYS = ("acc", "acc0", "acc1", "u_m1_m0", "u_m0_m1", "d_util", "d_speed")
+# The modality measures (SPEC Sec. 13), summarised and shown when the runs have them.
+MEASURE_KEYS = ("shapley0", "shapley1", "probe0", "probe1")
+
+
+MEASURE_HEADS = {"shapley0": "φ0 %", "shapley1": "φ1 %", "probe0": "probe m0 %", "probe1": "probe m1 %"}
 
 
 def paper_column(dataset: str) -> Optional[Dict[str, dict]]:
@@ -58,18 +63,20 @@ def table_order(algorithms: Sequence[str]) -> List[str]:
     return known + [a for a in dict.fromkeys(algorithms) if a not in registered]
 
 
-def summarize(runs: Sequence[dict], keys: Sequence[str] = SUMMARY_KEYS) -> Dict[str, dict]:
+def summarize(runs: Sequence[dict], keys: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     """Mean and standard deviation over seeds, per algorithm, counting only valid values.
 
     Args:
         runs: outputs of `run_one` (failed runs included) or `utilization_of_run`.
-        keys: the figures to aggregate.
+        keys: the figures to aggregate; SUMMARY_KEYS, and MEASURE_KEYS when a run has them, if None.
     Returns:
         {algorithm: {"runs": n, "failed": [seeds], "undefined": runs whose d_util is undefined, key: (mean, std,
         n_valid)}} in Table-1 order; a figure that is
         NaN in a run (failed, or not applicable) is left out of that figure's mean and count; std is 0 for one
         value, and (nan, nan, 0) means no valid value.
     """
+    if keys is None:
+        keys = SUMMARY_KEYS + tuple(k for k in MEASURE_KEYS if any(k in r for r in runs))
     by_alg: Dict[str, List[dict]] = {}
     for r in runs:
         by_alg.setdefault(r["algorithm"], []).append(r)
@@ -116,6 +123,9 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
     best, unimodal = best_unimodal(table), unimodal_rows()
     # the escaped bar keeps u(m1|m0) from splitting a Markdown table cell
     head = ["algorithm", "seeds", "acc %", "acc ŷ0 %", "acc ŷ1 %", "u(m1\\|m0)", "u(m0\\|m1)", "d_util", "d_speed"]
+    # Shapley and probe columns only when some row has them (tables of earlier results files render as before).
+    measures = [k for k in MEASURE_KEYS if any(k in row and row[k][2] > 0 for row in table.values())]
+    head += [MEASURE_HEADS[k] for k in measures]
     if paper:
         head += ["paper acc %", "paper d_util"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -128,6 +138,7 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
         cells += [pm(row[k]) for k in ("u_m1_m0", "u_m0_m1", "d_util", "d_speed")]
         if row.get("undefined"):  # left out of the mean, never counted as 0 ("balanced")
             cells[-2] += f" ({row['undefined']} undefined)"
+        cells += [pm(row[k], scale=100, digits=2) if k in row else "n/a" for k in measures]
         if paper:
             ref = paper.get("unimodal" if alg == best else alg, {}) if alg not in unimodal or alg == best else {}
             acc = f"{ref['acc'][0]:.2f} ± {ref['acc'][1]:.2f}" if "acc" in ref else ""

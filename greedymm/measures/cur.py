@@ -174,8 +174,7 @@ def conditional_utilization(model: TwoBranchNet, train_loader: Iterable[Batch], 
     """Compute A(f0), A(f1), A(f0'), A(f1'), the fused accuracy, u(m1|m0), u(m0|m1) and d_util on the test set.
 
     A late-fusion model (SPEC Sec. 13) compares the fused accuracy A(z) with A(z | e1 := mean e1) (u(m1|m0)) and
-    A(z | e0 := mean e0) (u(m0|m1)): acc0 and acc1 are then both A(z) (the partial logits' own accuracies are the
-    training record's test_acc0, test_acc1).
+    A(z | e0 := mean e0) (u(m0|m1)); acc0 and acc1 are then the partial logits' own accuracies.
 
     Args:
         model: the trained model (load the best checkpoint first).
@@ -219,16 +218,16 @@ def _late_utilization(model: nn.Module, train_loader: Iterable[Batch], test_load
     """The CUR of a late-fusion model (SPEC Sec. 13): A(z) against A(z | e1 := mean e1) and A(z | e0 := mean e0).
 
     Returns:
-        As `conditional_utilization`, with acc0 = acc1 = A(z) (the reference of both rates), acc0_cut = A(z | e1 cut),
-        acc1_cut = A(z | e0 cut), and fusion_spread NaN (a late fusion cannot collapse: its prediction always sums
+        As `conditional_utilization`, with acc = A(z) (the reference of both rates), acc0, acc1 the partial logits'
+        accuracies, acc0_cut = A(z | e1 cut), acc1_cut = A(z | e0 cut), and fusion_spread NaN (a late fusion cannot collapse: its prediction always sums
         both modalities' terms; d_util is undefined only when A(z) is at chance).
     """
     compute_cut_means(model, train_loader, device, autocast_dtype)
     fused = evaluate(model, test_loader, device, FusionMode.FUSED, autocast_dtype)
     cut = evaluate(model, test_loader, device, FusionMode.CUT, autocast_dtype)  # acc0: m1 cut, acc1: m0 cut
-    out = {"acc": fused["acc"], "acc0": fused["acc"], "acc1": fused["acc"],
+    out = {"acc": fused["acc"], "acc0": fused["acc0"], "acc1": fused["acc1"],
            "acc0_cut": cut["acc0"], "acc1_cut": cut["acc1"]}
-    out.update(utilization_rates(out["acc0"], out["acc1"], out["acc0_cut"], out["acc1_cut"]))
+    out.update(utilization_rates(fused["acc"], fused["acc"], out["acc0_cut"], out["acc1_cut"]))  # both against A(z)
     level = chance_level(fused["classes"], fused["n"])
     reason = (f"the fused prediction at chance: A(z) = {fused['acc']:.3f} <= {level:.3f} (1/K + {CHANCE_SE:g} s.e.)"
               if fused["acc"] <= level else "")

@@ -1,10 +1,10 @@
-"""Accuracies and losses of a model in evaluation mode (SPEC Sec. 2, 6 and 7): of the fused prediction (y0_hat +
-y1_hat) / 2 and of each branch, in any fusion mode (fused for validation and test, cut for the CUR), and the correct
-counts of a training step; one host synchronisation per pass.
+"""Accuracies, macro-F1 and losses of a model in evaluation mode (SPEC Sec. 2, 6, 7, 13): of the fused prediction and
+of each branch, in any fusion mode (fused for validation and test, cut for the CUR), and the correct counts of a
+training step; one host synchronisation per pass.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
         Two branches: acc (of `model.predict(y0_hat, y1_hat)`: MMTM (y0_hat + y1_hat) / 2, late fusion z = the sum),
         acc0, acc1 (of y0_hat, y1_hat: late fusion's partial logits), loss (the training loss: CE(y0_hat) +
         CE(y1_hat), late fusion CE(z)), loss0, loss1, loss_fused (CE of the fused logits), n (samples) and classes
-        (K, the logits' width). A uni-modal network:
-        acc, loss, n and classes.
+        (K, the logits' width), f1, f1_0, f1_1 (macro-F1 of the fused prediction and of y0_hat, y1_hat). A uni-modal
+        network: acc, loss, f1, n and classes.
     """
     device = device or next(model.parameters()).device
     two = is_two_branch(model)
@@ -52,6 +52,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
     was_training = model.training
     model.eval()
     totals = torch.zeros(6 if two else 2, dtype=torch.float64, device=device)
+    confusion: Optional[torch.Tensor] = None  # (heads, K * K) counts of (label, prediction): the macro-F1
     n = classes = 0
     for x0, x1, y in loader:
         x0, x1, y = to_device(x0, x1, y, device, model)
@@ -66,21 +67,44 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Optional[torch.d
             losses = [F.cross_entropy(out, y, reduction="sum") for out in (y0_hat, y1_hat, fused)]
             corrects = [correct(out, y) for out in (fused, y0_hat, y1_hat)]
             totals += torch.stack(losses + corrects).double()
+            heads = (fused, y0_hat, y1_hat)
         else:
             y_hat = y_hat.float()
             totals += torch.stack([F.cross_entropy(y_hat, y, reduction="sum"), correct(y_hat, y)]).double()
+            heads = (y_hat,)
+        classes = heads[0].shape[1]
+        counts = torch.stack([torch.bincount(y * classes + h.argmax(1), minlength=classes * classes)
+                              for h in heads])  # (heads, K * K)
+        confusion = counts if confusion is None else confusion + counts
         n += y.shape[0]
-        classes = (y0_hat if two else y_hat).shape[1]
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate() got an empty loader")
-    t = [v / n for v in totals.tolist()]  # the one host synchronisation
+    values = torch.cat([totals, confusion.double().flatten()]).tolist()  # the one host synchronisation
+    t = [v / n for v in values[:totals.numel()]]
+    f1 = macro_f1(torch.tensor(values[totals.numel():], dtype=torch.float64).reshape(len(heads), classes, classes))
     if not two:
-        return {"acc": t[1], "loss": t[0], "n": n, "classes": classes}
+        return {"acc": t[1], "loss": t[0], "f1": f1[0], "n": n, "classes": classes}
     # The loss the model trains with: MMTM CE(y0_hat) + CE(y1_hat), late fusion CE(z) (SPEC Sec. 13).
     loss = t[2] if getattr(model, "is_late", False) else t[0] + t[1]
     return {"acc": t[3], "acc0": t[4], "acc1": t[5], "loss": loss, "loss0": t[0], "loss1": t[1],
-            "loss_fused": t[2], "n": n, "classes": classes}
+            "loss_fused": t[2], "f1": f1[0], "f1_0": f1[1], "f1_1": f1[2], "n": n, "classes": classes}
+
+
+def macro_f1(confusion: torch.Tensor) -> List[float]:
+    """Macro-F1 of each head from its confusion counts: the mean over classes of 2 TP / (2 TP + FP + FN), over the
+    classes that occur as a label or a prediction.
+
+    Args:
+        confusion: (heads, K, K) counts, [h, label, prediction].
+    Returns:
+        One macro-F1 per head.
+    """
+    tp = confusion.diagonal(dim1=1, dim2=2)  # (heads, K)
+    denom = confusion.sum(2) + confusion.sum(1)  # 2 TP + FN + FP: labels plus predictions of each class
+    present = denom > 0
+    f1 = torch.where(present, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    return (f1.sum(1) / present.sum(1).clamp(min=1)).tolist()
 
 
 def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""OGM-GE (Peng et al., CVPR 2022: on-the-fly gradient modulation with generalization enhancement), our adaptation to
-the two-branch MMTM network (SPEC Sec. 12): after the backward pass and the CLS, the dominant branch's convolution
-gradients are scaled down and Gaussian noise is added to both branches' (regular steps, the paper's loss).
+"""OGM-GE (Peng et al., CVPR 2022: on-the-fly gradient modulation with generalization enhancement; SPEC Sec. 12-13): in
+its home architecture on late fusion, our adaptation on MMTM. After the backward pass and the CLS, the dominant
+encoder's convolution gradients are scaled down and Gaussian noise is added to both encoders' (regular steps).
 """
 from __future__ import annotations
 
@@ -86,9 +86,15 @@ def encoder_weights(branch: nn.Module, head: bool = True) -> List[nn.Parameter]:
 
 @register
 class OGMGE(Method):
-    """OGM-GE (Peng et al., CVPR 2022) adapted to the two-branch MMTM network (SPEC Sec. 12).
+    """OGM-GE (Peng et al., CVPR 2022), on late fusion as in the official code, on MMTM as our adaptation (SPEC Sec.
+    12-13).
 
-    Every step is a regular (fused) step with the paper's loss CE(y0_hat) + CE(y1_hat). After the backward pass and
+    Home architecture (`late_concat`, and `late_sum` as their sum fusion): the model's loss alone, CE(z, y); the
+    scores s_k come from the partial logits of the split head, z0 = W0 e0 + b/2 and z1 = W1 e1 + b/2 (h0(e0), h1(e1)
+    for late_sum), which the late-fusion model returns as (y0_hat, y1_hat); the encoders' convolution weights are
+    modulated. MMTM ("OGM-GE (MMTM adaptation)"): the paper's loss CE(y0_hat) + CE(y1_hat), y_k_hat branch k's head.
+
+    Every step is a regular (fused) step with the model's loss. After the backward pass and
     the CLS, before the optimizer step, inside the modulation window: the convolution-weight gradients of the
     dominant branch are multiplied by its k (`ogm_coefficients`); GE then adds Gaussian noise N(0, std(g)) to each
     convolution-weight gradient g of both branches, std(g) being measured on the gradient before modulation, as in
@@ -96,8 +102,9 @@ class OGMGE(Method):
     still logged, with k_0 = k_1 = 1 (the coefficients applied). The CLS's mu is computed by the trainer before this
     hook, so it measures the gradients before modulation and noise.
 
-    Our adaptation: their late-fusion models give each modality a logit share of the fusion layer; here y_k_hat is
-    branch k's own head, which also sees the other modality through the MMTMs. Batch norms, the linear heads and the
+    Our MMTM adaptation: their late-fusion models give each modality a logit share of the fusion layer; on MMTM
+    y_k_hat is branch k's own head, which also sees the other modality through the MMTMs, so the ratio compares two
+    heads that both see m0 (run it on late_concat for the method as published). Batch norms, the linear heads and the
     MMTMs are never modulated. A branch without convolutions (an MLP on vectors) has its linear layers but the head
     modulated instead (`encoder_weights`).
 

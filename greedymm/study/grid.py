@@ -190,6 +190,7 @@ class RunSpec:
         return {"study": self.study, "key": self.key, "run_name": self.run_name, "dataset": self.dataset,
                 "pair": self.pair, "views": list(self.views), "model": self.model, "algorithm": self.algorithm,
                 "lr": self.lr, "seed": self.seed, "l1": self.l1, **self.options, "tau": self.tau,
+                "fusion": train.fusion,
                 "batch_size": data.batch_size, "image_size": data.image_size, "momentum": train.momentum,
                 "max_epochs": train.max_epochs, "max_steps": train.max_steps,
                 "data": data.identity(), "train": train.identity()}

@@ -74,7 +74,8 @@ def execute_run(spec: RunSpec, device: Optional[Union[str, torch.device]] = None
     dev = torch.device(device) if device is not None else default_device()
     record: Dict[str, Any] = spec.settings()
     try:
-        run = Run(spec.data_config(), spec.train_config(), model_factory(spec.model), spec.model, dev, progress=False)
+        run = Run(spec.data_config(), spec.train_config(), model_factory(spec.model), spec.model, dev, progress=False,
+                  measures=False)  # the studies need the CUR, not the modality measures
         trained, out = run.measure(resume=True)
         if out["status"] != "ok":
             record.update({k: out[k] for k in ("status", "error", "traceback")})

@@ -136,11 +136,13 @@ def result_line(result: StudyResult, wall_s: float, executor: str) -> str:
 
 
 def study_table(key: str, records: Sequence[dict]) -> str:
-    """The table the studies notebook shows under a study of its plan ("greedy_learner", "regularization",
-    "sensitivity"): the figures' numbers by pair kind, by lambda, or by method and swept setting."""
+    """The table the studies notebook shows under a study of its plan ("greedy_learner" and its late-fusion
+    "greedy_learner_<fusion>", "regularization", "sensitivity"): the figures' numbers by pair kind, by lambda, or by
+    method and swept setting."""
+    base = "greedy_learner" if key.startswith("greedy_learner") else key  # "greedy_learner_<fusion>" too
     by, keys = {"greedy_learner": (("dataset", "pair"), ("d_util", "d_speed", "acc")),
                 "regularization": (("l1",), ("rho", "d_util", "d_util_last", "d_speed", "acc"))}.get(
-        key, (("algorithm", *swept_settings()), ("acc", "d_util")))
+        base, (("algorithm", *swept_settings()), ("acc", "d_util")))
     return summary_table(records, by, keys)
 
 
@@ -151,7 +153,8 @@ def result_summary(result: StudyResult, wall_s: float) -> dict:
             "figures": {k: str(p) for k, p in result.figure_paths.items()}}
 
 
-# The studies whose records form the CLS -> CUR population (their unregularized vanilla runs).
+# The studies whose records form the CLS -> CUR population (their unregularized vanilla runs; MMTM only: a late-fusion
+# greedy-learner study, "greedy_learner_<fusion>", draws its own CLS -> CUR figure).
 POOLED = ("greedy_learner", "regularization")
 
 
