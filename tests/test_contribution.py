@@ -158,3 +158,11 @@ def test_modality_measures_work_on_mmtm(tiny_model, toy_loaders):
         assert math.isfinite(res[k])
     assert_close(res["shapley0"] + res["shapley1"], res["v01"] - res["v_none"])
     assert_close(res["robust0"][0], res["v01"])
+
+
+def test_modality_measures_are_the_three_calls():
+    net = identity_net([-1.0, 1.0], [-1.0, 1.0], [0.0, 0.0])
+    res = modality_measures(net, *loaders())
+    assert_close([res["shapley0"], res["shapley1"]], [0.0, 0.6])
+    assert res["probe0"] == linear_probes(net, *loaders())["probe0"]
+    assert res["robust0"] == robustness_curves(net, *loaders())["robust0"]

@@ -313,3 +313,31 @@ def test_methods_train_a_late_fusion_model(tmp_path, toy_loaders, algorithm):
     fresh = as_fusion(mmtm_convnet(4, widths=(4, 8)), "late_concat")
     fresh.load_state_dict(state)
     assert fresh.has_running_scales
+
+
+@pytest.mark.parametrize("algorithm", ["guided", "ogm_ge"])
+def test_resume_mid_epoch_on_late_fusion_is_exact(tmp_path, algorithm):
+    """The running feature means travel with the checkpoint: a resumed run equals an uninterrupted one, bitwise."""
+    def model():
+        torch.manual_seed(0)
+        return as_fusion(mmtm_convnet(4, widths=(4, 8)), "late_sum")
+
+    def cfg(path, **kw):
+        return TrainConfig(algorithm=algorithm, fusion="late_sum", lr=0.05, max_epochs=10, progress=False,
+                           log_dir=str(path / "l"), ckpt_dir=str(path / "c"), run_name="run",
+                           options={"epsilon": 0.0, "window": 2} if algorithm == "guided" else {}, **kw)
+
+    def run(config):
+        return train(model(), ToyLoader(), config, ToyLoader(24, seed=1), ToyLoader(24, seed=2), device="cpu")
+
+    res_a = run(cfg(tmp_path / "a", max_steps=16))
+    first = run(cfg(tmp_path / "b", max_steps=8, ckpt_every_steps=4))
+    assert first.steps == 8
+    torch.manual_seed(123)
+    res_b = run(cfg(tmp_path / "b", max_steps=16))
+    assert res_b.resumed_from_step == 8
+    a, b = load_checkpoint(res_a.last_path)["model"], load_checkpoint(res_b.last_path)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["feat_count"].item() > 0
+    assert (res_a.log_dir / "steps.jsonl").read_text() == (res_b.log_dir / "steps.jsonl").read_text()
+    if algorithm == "guided":
+        assert any(s["mode"] != "fused" for s in read_jsonl(res_b.log_dir / "steps.jsonl"))

@@ -87,3 +87,20 @@ def test_a_small_late_fusion_table_records_fusion_and_measures(tmp_path):
     config = json.loads((tmp_path / "l" / late["run_name"] / "config.json").read_text())
     assert config["train"]["fusion"] == "late_concat" and config["identity"]["train"]["fusion"] == "late_concat"
     assert math.isnan(runs[1]["shapley0"])  # the uni-modal row: no modality measures
+
+
+def test_the_docs_late_fusion_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "late_fusion.md"
+    code = re.search(r"<!-- example: late fusion -->\s*```python\n(.*?)```", doc.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(doc), "exec"), namespace)
+    steps = [json.loads(line) for line in open(tmp_path / "logging" / "my_late_run" / "steps.jsonl")]
+    assert len(steps) == 18 and all("d_speed" in s for s in steps)
+    printed = capsys.readouterr().out
+    for key in ("'u_m1_m0'", "'d_util'", "'shapley0'", "'probe1'", "'robust0'"):
+        assert key in printed
+    assert namespace["model"].fusion == "late_concat"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -63,8 +63,8 @@ def _feature_means(model: nn.Module, loader: Iterable[Batch], device: torch.devi
 
 @torch.no_grad()
 def coalition_values(model: nn.Module, train_loader: Iterable[Batch], test_loader: Iterable[Batch],
-                     device: Optional[Union[str, torch.device]] = None,
-                     autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+                     device: Optional[Union[str, torch.device]] = None, autocast_dtype: Optional[torch.dtype] = None,
+                     cut_means: bool = True) -> Dict[str, float]:
     """v(S): the fused test accuracy with the modalities outside S cut to their D_train means (SPEC Sec. 13).
 
     Late fusion: cutting m_k replaces e_k by its D_train mean. MMTM: cutting m1 runs the MMTMs in cut mode for
@@ -76,11 +76,13 @@ def coalition_values(model: nn.Module, train_loader: Iterable[Batch], test_loade
         train_loader: D_train without augmentation (the means).
         test_loader: the test batches.
         device, autocast_dtype: as `evaluate`.
+        cut_means: compute the cut means first (False: `compute_cut_means` has run on this model as it is).
     Returns:
         dict with v01, v0 (m0 alone, m1 cut), v1 (m1 alone) and v_none.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    compute_cut_means(model, train_loader, device, autocast_dtype)
+    if cut_means:
+        compute_cut_means(model, train_loader, device, autocast_dtype)
     was_training = model.training
     model.eval()
     try:
@@ -181,15 +183,18 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
 
 def linear_probes(model: nn.Module, train_loader: Iterable[Batch], test_loader: Iterable[Batch],
                   device: Optional[Union[str, torch.device]] = None, autocast_dtype: Optional[torch.dtype] = None,
-                  seed: int = 0) -> Dict[str, float]:
+                  seed: int = 0, cut_means: bool = True) -> Dict[str, float]:
     """A linear probe per modality (SPEC Sec. 13): what each frozen encoder learned, whether or not the fused
     prediction uses it.
 
+    Args:
+        cut_means: compute the cut means first (False: `compute_cut_means` has run on this model as it is).
     Returns:
         dict with probe0, probe1: test accuracies of probes on e0 and on e1 fitted on D_train.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    compute_cut_means(model, train_loader, device, autocast_dtype)
+    if cut_means:
+        compute_cut_means(model, train_loader, device, autocast_dtype)
     tr0, tr1, try_ = modality_features(model, train_loader, device, autocast_dtype)
     te0, te1, tey = modality_features(model, test_loader, device, autocast_dtype)
     return {"probe0": fit_probe(tr0, try_, te0, tey, seed), "probe1": fit_probe(tr1, try_, te1, tey, seed)}
@@ -224,7 +229,8 @@ class _Noisy:
 
 def robustness_curves(model: nn.Module, train_loader: Iterable[Batch], test_loader: Iterable[Batch],
                       device: Optional[Union[str, torch.device]] = None, autocast_dtype: Optional[torch.dtype] = None,
-                      sigmas: Sequence[float] = ROBUST_SIGMAS, seed: int = 0) -> Dict[str, list]:
+                      sigmas: Sequence[float] = ROBUST_SIGMAS, seed: int = 0,
+                      values: Optional[Mapping[str, float]] = None) -> Dict[str, list]:
     """Fused test accuracy as Gaussian noise of growing sigma (in units of the modality's input std over D_train) is
     added to one modality's input, and with that modality cut (SPEC Sec. 13); one curve per modality.
 
@@ -234,13 +240,14 @@ def robustness_curves(model: nn.Module, train_loader: Iterable[Batch], test_load
         test_loader: the test batches (in a fixed order: the noise is seeded per curve point).
         sigmas: the noise levels.
         seed: the noise's seed.
+        values: the model's `coalition_values` if already measured (the cut points); measured when None.
     Returns:
         dict with robust_sigmas (the levels, then "cut"), robust0 and robust1 (the accuracies at each level, then
         with the modality cut: v({1}) for robust0, v({0}) for robust1).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stds = input_std(train_loader)
-    v = coalition_values(model, train_loader, test_loader, device, autocast_dtype)
+    v = values if values is not None else coalition_values(model, train_loader, test_loader, device, autocast_dtype)
     out: Dict[str, list] = {"robust_sigmas": [float(s) for s in sigmas] + ["cut"]}
     for k in (0, 1):
         curve = []
@@ -259,10 +266,12 @@ def modality_measures(model: nn.Module, train_loader: Iterable[Batch], test_load
     Returns:
         The union of `shapley_contribution`, `linear_probes` and `robustness_curves`.
     """
-    out: Dict[str, Union[float, list]] = {}
-    out.update(shapley_contribution(model, train_loader, test_loader, device, autocast_dtype))
-    out.update(linear_probes(model, train_loader, test_loader, device, autocast_dtype, seed))
-    out.update(robustness_curves(model, train_loader, test_loader, device, autocast_dtype, seed=seed))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    compute_cut_means(model, train_loader, device, autocast_dtype)  # once for the three
+    v = coalition_values(model, train_loader, test_loader, device, autocast_dtype, cut_means=False)
+    out: Dict[str, Union[float, list]] = {**shapley_values(v["v01"], v["v0"], v["v1"], v["v_none"]), **v}
+    out.update(linear_probes(model, train_loader, test_loader, device, autocast_dtype, seed, cut_means=False))
+    out.update(robustness_curves(model, train_loader, test_loader, device, autocast_dtype, seed=seed, values=v))
     return out
 
 

@@ -108,6 +108,9 @@ class GradientBlending(Method):
     loss CE(y0_hat) + CE(y1_hat): a comparison at half the learning rate. Here they sum to `gblend_scale` (2 by
     default, vanilla's scale; 1 restores their formulation), so every row of a table trains at the same step size.
 
+    On a late-fusion model (SPEC Sec. 13) the heads are the partial logits z0, z1 and the fused z (the model's
+    prediction), closer to their formulation; the scale stays `gblend_scale`.
+
     Logged: w0, w1, w_fused every step (the weights of that step) and every epoch (those it trained with, and
     next_w0, next_w1, next_w_fused for the next epoch); loss0, loss1, loss_fused are the unweighted CE of each head.
 
