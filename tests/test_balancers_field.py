@@ -2,7 +2,9 @@
 against hand computations on fixed tensors, one step's hooks, the CLS on the gradients before modulation, exact
 resume mid-run, and two-epoch runs on both fusions."""
 import copy
+import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -388,3 +390,31 @@ def test_the_field_is_registered_after_the_papers_rows():
 def test_bad_settings_are_refused(algorithm, options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(algorithm=algorithm, options=options).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fusion", ["mmtm", "late_concat"])
+@pytest.mark.parametrize("algorithm", FIELD)
+def test_cuda_step_synchronises_once(tmp_path, toy_loaders, algorithm, fusion):
+    from greedymm.training import Trainer
+
+    trainer = Trainer(model_of(fusion), toy_loaders[0], make_cfg(tmp_path, algorithm, fusion,
+                                                                 {"opm_p_exe": 1.0, "warmup_epochs": 1}),
+                      device="cuda")
+    trainer.logs.files = {"steps": io.StringIO()}
+    batches = [tuple(t.cuda() for t in b) for b in toy_loaders[0]]
+    for b in batches:  # past the first epoch: OPM's drops, PMR's prototypes
+        trainer._train_step(*b)
+    trainer.method.end_epoch({}, StepContext(0, trainer.step, 0, FusionMode.FUSED, None))
+    trainer.epoch = 1
+    trainer._train_step(*batches[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer._train_step(*batches[1])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -129,7 +129,7 @@ class OPM(Rebalancing):
     def after_backward(self, model: nn.Module, out: Outputs, y: torch.Tensor,
                        ctx: StepContext) -> Dict[str, torch.Tensor]:
         s = prediction_scores(out["y0"], out["y1"], y)  # (2,)
-        return {"opm_s0": s[0], "opm_s1": s[1], "opm_p": torch.tensor(self.p, device=s.device)}
+        return {"opm_s0": s[0], "opm_s1": s[1], "opm_p": torch.full((), self.p, device=s.device)}  # a fill: no copy
 
     def observe(self, ctx: StepContext, record: dict) -> None:
         if ctx.mode is FusionMode.FUSED:

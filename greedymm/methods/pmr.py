@@ -121,14 +121,13 @@ class PMR(Method):
     @torch.no_grad()
     def _accumulate(self, e0: torch.Tensor, e1: torch.Tensor, y: torch.Tensor, classes: int) -> None:
         """Add the batch's features to this epoch's per-class sums (no host synchronisation)."""
-        onehot = F.one_hot(y, classes).float()  # (B, K)
         if self.sums is None:
             self.sums = [e0.new_zeros(classes, e0.shape[1], dtype=torch.float32),
                          e1.new_zeros(classes, e1.shape[1], dtype=torch.float32)]
-            self.counts = onehot.new_zeros(classes)
-        for k, e in enumerate((e0, e1)):
-            self.sums[k] += onehot.t() @ e.detach().float()  # (K, F_k)
-        self.counts += onehot.sum(0)
+            self.counts = e0.new_zeros(classes, dtype=torch.float32)
+        for k, e in enumerate((e0, e1)):  # index_add_, not one_hot: no check of y on the host
+            self.sums[k].index_add_(0, y, e.detach().float())  # (K, F_k)
+        self.counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float32))
 
     def loss(self, out: Outputs, y: torch.Tensor, ctx: StepContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The fusion's loss plus the prototypical terms.
