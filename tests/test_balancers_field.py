@@ -338,7 +338,8 @@ def test_the_cls_is_measured_before_the_modulation(tmp_path, toy_loaders, algori
 
 @pytest.mark.parametrize("algorithm, fusion", [(a, "mmtm") for a in FIELD] + [("mmpareto", "late_concat"),
                                                                                ("opm", "late_concat"),
-                                                                               ("pmr", "late_concat")])
+                                                                               ("pmr", "late_concat"),
+                                                                               ("agm", "late_concat")])
 def test_resume_mid_run_is_exact(tmp_path, algorithm, fusion):
     options = {"opm_p_exe": 1.0, "agm_alpha": 0.5}
 
