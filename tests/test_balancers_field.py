@@ -379,6 +379,8 @@ def test_the_field_is_registered_after_the_papers_rows():
         cls = get_method(name)
         assert cls.multimodal and not cls.paper_row and cls.label and cls.sweeps
         assert 2 <= len(cls.sweeps[0].grid("digits")) <= 4
+    colors = [get_method(n).color for n in names]
+    assert len(set(colors)) == len(colors)  # one colour per method in the figures
 
 
 @pytest.mark.parametrize("algorithm, options, message", [

@@ -101,7 +101,7 @@ class AGM(Method):
 
     name = "agm"
     label = "AGM"
-    color = "tab:cyan"
+    color = "teal"  # tab:cyan is uni-modal m1
     order = 11
     Settings = AGMSettings
     sweeps = (Sweep("agm_alpha", (0.05, 0.1, 0.3, 1.0), "AGM modulation strength", "$\\alpha$", "α", log_x=True,

@@ -89,7 +89,7 @@ class PMR(Method):
 
     name = "pmr"
     label = "PMR"
-    color = "tab:olive"
+    color = "goldenrod"  # tab:olive is uni-modal m0
     order = 10
     Settings = PMRSettings
     sweeps = (Sweep("pmr_alpha", (0.5, 1.0, 2.0), "PMR prototypical CE weight", "$\\alpha$", "α",
