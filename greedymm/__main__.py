@@ -16,6 +16,7 @@ from .experiment.params import (experiment_plan, notebook_setup, parameter_defau
                                 study_plan)
 from .experiment.pipeline import report_line, run_table
 from .methods.base import methods
+from .registry import FUSIONS
 from .study.runner import (POOLED, pooled_cls_cur, record_line, result_line, result_summary, run_study,
                            study_table, write_summary)
 
@@ -25,7 +26,8 @@ class SettingsError(ValueError):
 
 
 def list_lines() -> List[str]:
-    """The registered methods (label, paper row, settings and defaults) and datasets (views, model, presets)."""
+    """The registered methods (label, paper row, settings and defaults), fusions and datasets (views, model,
+    presets)."""
     defaults = option_defaults()
     lines = ["methods (--methods; a setting by --set NAME=VALUE, its notebook parameter):"]
     for name, m in methods().items():
@@ -34,6 +36,8 @@ def list_lines() -> List[str]:
                              for f in dataclasses.fields(m.Settings)) or "no settings"
         where = "paper's Table 1" if m.paper_row else "not in the paper"
         lines.append(f"  {name:<12} {m.label} ({where}{'' if m.multimodal else ', uni-modal'}): {settings}")
+    lines.append("fusions (--fusion, FUSION):")
+    lines += [f"  {name:<12} {spec.label}: {spec.description}" for name, spec in FUSIONS.items()]
     lines.append("datasets (--dataset):")
     for name, spec in datasets().items():
         preset = {**spec.data_preset, **spec.train_preset}

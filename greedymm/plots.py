@@ -1,6 +1,6 @@
-"""Figures of the experiment (paper Sec. 5, Figs. 2-4; SPEC Sec. 13): the chosen views, learning curves, d_speed with
-the re-balancing steps shaded, d_util per method in its registered colour, and the robustness curves. Every function returns a Figure built
-without pyplot: no global state, nothing shown twice in a notebook, `fig.savefig` for files.
+"""Figures of the experiment (paper Sec. 5, Figs. 2-4; SPEC Sec. 13): views, learning curves, d_speed with re-balancing
+steps shaded, d_util per method in its colour, robustness curves. Every function returns a Figure built without
+pyplot: no global state, nothing shown twice in a notebook, `fig.savefig` for files.
 """
 from __future__ import annotations
 

@@ -341,3 +341,26 @@ def test_resume_mid_epoch_on_late_fusion_is_exact(tmp_path, algorithm):
     assert (res_a.log_dir / "steps.jsonl").read_text() == (res_b.log_dir / "steps.jsonl").read_text()
     if algorithm == "guided":
         assert any(s["mode"] != "fused" for s in read_jsonl(res_b.log_dir / "steps.jsonl"))
+
+
+def test_rubi_and_gblend_on_late_fusion_use_the_fused_logits():
+    net = vector_net("late_concat")
+    net.train()
+    x0, x1, y = torch.randn(6, 4), torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    rubi = make_method("rubi")  # bias modality m0 by default
+    rubi.setup(net)
+    out = rubi.forward(net, x0, x1, ctx())
+    assert_close(out["z"], out["y0"] + out["y1"])
+    loss, terms = rubi.loss(out, y, ctx())
+    mask = torch.sigmoid(out["c1"])
+    assert_close(terms["loss_fused"], F.cross_entropy(out["z"] * mask, y))
+    assert_close(loss, terms["loss_fused"] + F.cross_entropy(out["c2"], y))
+    net.zero_grad()
+    terms["loss_bias"].backward()  # the bias path never reaches the encoder (stop-gradient on e0)
+    assert net.encoder0[0].weight.grad is None
+    gblend = make_method("gblend")
+    gblend.setup(net)
+    out = make_method("vanilla").forward(net, x0, x1, ctx())
+    loss, terms = gblend.loss(out, y, ctx())
+    assert_close(terms["loss_fused"], F.cross_entropy(out["z"], y))  # the fused head is z, not (z0 + z1) / 2
+    assert_close(loss, (2 / 3) * (terms["loss0"] + terms["loss1"] + terms["loss_fused"]))

@@ -104,3 +104,12 @@ def test_the_docs_late_fusion_example_runs(tmp_path, monkeypatch, capsys):
     for key in ("'u_m1_m0'", "'d_util'", "'shapley0'", "'probe1'", "'robust0'"):
         assert key in printed
     assert namespace["model"].fusion == "late_concat"
+
+
+def test_the_command_lists_the_fusions(capsys):
+    from greedymm.__main__ import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    block = out.split("fusions (--fusion, FUSION):\n")[1].split("datasets")[0]
+    assert [line.split()[0] for line in block.strip().splitlines()] == ["mmtm", "late_concat", "late_sum"]

@@ -118,9 +118,9 @@ class Run:
             resume: continue from the run's last checkpoint when there is one.
             callback: passed to `train` (step and epoch records).
         Returns:
-            dict with algorithm, seed, fusion, run_name, steps, steps_this_call, stop_reason, best_epoch, d_speed (at the
-            best epoch; NaN for uni-modal runs), val_acc and the test accuracies at the best epoch, history, log_dir,
-            best_path, precision and model_name.
+            dict with algorithm, seed, fusion, run_name, steps, steps_this_call, stop_reason, best_epoch, d_speed
+            (at the best epoch; NaN for uni-modal runs), val_acc and the test accuracies at the best epoch, history,
+            log_dir, best_path, precision and model_name.
         """
         loaders, cfg = self.loaders, self.cfg
         result = train(self.model, loaders.train, cfg, loaders.val, loaders.test, device=self.device, resume=resume,

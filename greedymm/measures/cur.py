@@ -219,8 +219,9 @@ def _late_utilization(model: nn.Module, train_loader: Iterable[Batch], test_load
 
     Returns:
         As `conditional_utilization`, with acc = A(z) (the reference of both rates), acc0, acc1 the partial logits'
-        accuracies, acc0_cut = A(z | e1 cut), acc1_cut = A(z | e0 cut), and fusion_spread NaN (a late fusion cannot collapse: its prediction always sums
-        both modalities' terms; d_util is undefined only when A(z) is at chance).
+        accuracies, acc0_cut = A(z | e1 cut), acc1_cut = A(z | e0 cut), and fusion_spread NaN (a late fusion cannot
+        collapse: its prediction always sums both modalities' terms; d_util is undefined only when A(z) is at
+        chance).
     """
     compute_cut_means(model, train_loader, device, autocast_dtype)
     fused = evaluate(model, test_loader, device, FusionMode.FUSED, autocast_dtype)
