@@ -47,7 +47,8 @@ def method_step(method: Method, net: torch.nn.Module, x0: torch.Tensor, x1: torc
 
     logs = run(regular=True)  # a regular step: running means, scores, prototype sums
     method.observe(ctx, {**{k: float(v) for k, v in logs.items()}, "d_speed": 0.5, "skipped": False})
-    record = {"epoch": 1, **{f"{split}_{t}": 1.0 for split in ("train", "val") for t in ("loss0", "loss1", "loss_fused")}}
+    record = {"epoch": 1, **{f"{split}_{t}": 1.0 for split in ("train", "val")
+                             for t in ("loss0", "loss1", "loss_fused")}}
     method.end_epoch(record, ctx)  # an epoch's end (PMR's prototypes; Gradient Blending's first window)
     return run
 

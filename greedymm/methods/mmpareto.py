@@ -145,7 +145,8 @@ class MMPareto(Method):
         for k in (0, 1):
             pairs = [(p, u) for p, u in zip(self.encoders[k], self._uni[k]) if p.grad is not None]
             if not pairs:  # no gradient reached the encoder: nothing to combine
-                logs[f"cos{k}"], logs[f"w_mm{k}"] = torch.zeros((), device=y.device), torch.full((), 0.5, device=y.device)
+                logs[f"cos{k}"] = torch.zeros((), device=y.device)
+                logs[f"w_mm{k}"] = torch.full((), 0.5, device=y.device)
                 continue
             total = [p.grad for p, _ in pairs]
             uni = [u if u is not None else torch.zeros_like(p.grad) for p, u in pairs]

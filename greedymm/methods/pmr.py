@@ -175,7 +175,7 @@ class PMR(Method):
         def cpu(ts):
             return [t.detach().cpu().clone() for t in ts] if ts is not None else None
         return {**super().state_dict(), "prototypes": cpu(self.prototypes), "since": self.since,
-                "sums": cpu(self.sums), "counts": self.counts.detach().cpu().clone() if self.counts is not None else None}
+                "sums": cpu(self.sums), "counts": cpu([self.counts])[0] if self.counts is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         def dev(ts):
