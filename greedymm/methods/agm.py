@@ -28,7 +28,7 @@ MAX_GAP = 10.0
 class AGMSettings(MethodSettings):
     """AGM's setting."""
 
-    agm_alpha: float = setting(0.1)  # alpha in kappa_k = exp(alpha min(eta_k - r_k, 10)) (ours; theirs is per dataset)
+    agm_alpha: float = setting(0.1, param="AGM_ALPHA")  # alpha in kappa_k = exp(alpha min(eta_k - r_k, 10)) (ours; theirs is per dataset)
 
     def validate(self) -> None:
         if not (self.agm_alpha >= 0 and math.isfinite(self.agm_alpha)):

@@ -21,7 +21,7 @@ from .contract import encoder_parameters
 class MMParetoSettings(MethodSettings):
     """MMPareto's setting."""
 
-    mmpareto_gamma: float = setting(1.5)  # gamma, the magnitude boost of every encoder gradient (their code: 1.5)
+    mmpareto_gamma: float = setting(1.5, param="MMPARETO_GAMMA")  # gamma, the magnitude boost of every encoder gradient (their code: 1.5)
 
     def validate(self) -> None:
         if not (self.mmpareto_gamma > 0 and math.isfinite(self.mmpareto_gamma)):

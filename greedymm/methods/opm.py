@@ -21,7 +21,7 @@ from .base import MethodSettings, Rebalancing, RebalancingSettings, StepContext,
 class OPMSettings(RebalancingSettings):
     """OPM's settings (their defaults: q_base 0.5, lambda 0.5, p_exe 0.7)."""
 
-    opm_q_base: float = setting(0.5)  # q_base, the drop probability at a discrepancy ratio just above 1
+    opm_q_base: float = setting(0.5, param="OPM_Q_BASE")  # q_base, the drop probability at a discrepancy ratio just above 1
     opm_lambda: float = setting(0.5)  # lambda, how much the discrepancy raises it: q = q_base (1 + lambda tanh(.))
     opm_p_exe: float = setting(0.7)  # p_exe, the probability that the drop is applied to a step at all
 

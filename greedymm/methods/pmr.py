@@ -20,7 +20,7 @@ from .base import Method, MethodSettings, StepContext, Sweep, register, setting
 class PMRSettings(MethodSettings):
     """PMR's settings (ours: their code's names alpha, mu, momentum_coef, norm_epoch)."""
 
-    pmr_alpha: float = setting(1.0)  # alpha, the weight of the slow modality's prototypical CE
+    pmr_alpha: float = setting(1.0, param="PMR_ALPHA")  # alpha, the weight of the slow modality's prototypical CE
     pmr_mu: float = setting(0.01)  # mu, the weight of the fast modality's prototype entropy (PER)
     pmr_momentum: float = setting(0.0)  # the old prototypes' share when an epoch's new ones replace them
     pmr_per_epochs: int = setting(5)  # the PER acts in the first epochs the prototypes exist (epochs 1..this)
