@@ -437,7 +437,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, algorithm):
 # ------------------------------------------------------------------------------------------------------- settings
 def test_algorithms_settings_and_identity():
     names = method_names()
-    assert names[:6] == [n for n in names if get_method(n).paper_row] and names[6:] == ["ogm_ge", "gblend"]
+    assert names[:6] == [n for n in names if get_method(n).paper_row] and names[6:8] == ["ogm_ge", "gblend"]
 
     def make_algorithm(cfg):
         return make_method(cfg.algorithm, cfg.options, cfg.seed)

@@ -16,7 +16,8 @@ TINY = dict(DATASET="embedded", IMAGE_SIZE=32, BATCH_SIZE=16, LR=0.05, MOMENTUM=
 DEFAULTS = dict(DATASET="modelnet40", DATA_DIR="", DATA_URL="", make_npy_files=False, VIEWS=None, IMAGE_SIZE=None,
                 BATCH_SIZE=None, LR=None, MOMENTUM=None, MAX_EPOCHS=None,
                 ALGORITHMS=["vanilla", "rubi", "random", "guided"], UNIMODAL=True, EPSILON=None, WINDOW=None,
-                OGM_ALPHA=None, GBLEND_PERIOD=None, SEEDS=[0, 1, 2], LOG_DIR="logging", CKPT_DIR="checkpoints",
+                OGM_ALPHA=None, GBLEND_PERIOD=None, MMPARETO_GAMMA=None, OPM_Q_BASE=None, PMR_ALPHA=None,
+                AGM_ALPHA=None, SEEDS=[0, 1, 2], LOG_DIR="logging", CKPT_DIR="checkpoints",
                 RESUME=True, EVAL_TEST=True, NUM_WORKERS=2, EMBEDDED_PER_CLASS=120, EMBEDDED_TEST_PER_CLASS=40,
                 PRECISION="auto", PROGRESS=True, MODEL="", FUSION="mmtm")
 

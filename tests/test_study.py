@@ -84,7 +84,8 @@ def test_grids_union_runs_once():
 
 def test_sensitivity_sweeps_the_balancers_settings_only_for_their_algorithm(tmp_path):
     study = sensitivity("embedded", sweeps={"epsilon": (0.01, 0.1), "window": (5,), "ogm_alpha": (0.1, 0.8),
-                                            "gblend_period": (2,)}, seeds=(0,), data={"image_size": 32})
+                                            "gblend_period": (2,), "mmpareto_gamma": (), "opm_q_base": (),
+                                            "pmr_alpha": (), "agm_alpha": ()}, seeds=(0,), data={"image_size": 32})
     specs = expand(study, tmp_path / "log", tmp_path / "ck")
     by_alg = {a: [s for s in specs if s.algorithm == a] for a in ("guided", "ogm_ge", "gblend")}
     assert len(specs) == 2 + 2 + 1 and {len(v) for v in by_alg.values()} == {2, 1}
@@ -101,7 +102,8 @@ def test_sensitivity_sweeps_the_balancers_settings_only_for_their_algorithm(tmp_
     assert o.settings()["ogm_alpha"] == 0.8 and o.settings()["gblend_period"] is None
     # the preset grids: four alphas and four periods; an empty sweep drops that balancer
     assert [len(g.options["ogm_alpha"]) for g in sensitivity("embedded").grids if g.algorithms == ("ogm_ge",)] == [4]
-    none = sensitivity("embedded", sweeps={"ogm_alpha": (), "gblend_period": ()})
+    none = sensitivity("embedded", sweeps={"ogm_alpha": (), "gblend_period": (), "mmpareto_gamma": (),
+                                           "opm_q_base": (), "pmr_alpha": (), "agm_alpha": ()})
     assert {a for g in none.grids for a in g.algorithms} == {"guided"}
 
 

@@ -187,7 +187,8 @@ NOTEBOOK = dict(DATASET="modelnet40", DATA_DIR=None, IMAGE_SIZE=None, BATCH_SIZE
                 EMBEDDED_PER_CLASS=None, EMBEDDED_TEST_PER_CLASS=None, MODEL="", GREEDY=True, GREEDY_LRS=None,
                 GREEDY_SEEDS=None, GREEDY_PAIRS=["distinct", "identical"], REGULARIZATION=True, REG_L1S=None,
                 REG_LR=None, REG_SEEDS=[0, 1, 2], TAU=0.001, SENSITIVITY=True, SENS_EPSILONS=None,
-                SENS_WINDOWS=None, SENS_ALPHAS=None, SENS_PERIODS=None, SENS_SEEDS=[0, 1, 2], EXECUTOR="local",
+                SENS_WINDOWS=None, SENS_ALPHAS=None, SENS_PERIODS=None, SENS_GAMMAS=None, SENS_Q_BASES=None,
+                SENS_PMR_ALPHAS=None, SENS_AGM_ALPHAS=None, SENS_SEEDS=[0, 1, 2], EXECUTOR="local",
                 WORKERS=None, THREADS=None,
                 RUNS_PER_GPU=1, RAY_ADDRESS=None, RAY_CPUS_PER_RUN=1, RAY_GPUS_PER_RUN=None, LOG_DIR="logging",
                 CKPT_DIR="checkpoints")
@@ -210,7 +211,8 @@ def test_notebook_defaults_are_the_papers_grids():
     assert [g.options["window"] for g in guided] == [(5,), (1, 2, 5, 10, 20)]
     assert len(sens.grids[0].seeds) == 3 and sens.grids[0].algorithms == ("guided",)
     assert [(g.algorithms, {k: len(v) for k, v in g.options.items()}) for g in sens.grids[2:]] == [
-        (("ogm_ge",), {"ogm_alpha": 4}), (("gblend",), {"gblend_period": 4})]
+        (("ogm_ge",), {"ogm_alpha": 4}), (("gblend",), {"gblend_period": 4}), (("mmpareto",), {"mmpareto_gamma": 3}),
+        (("opm",), {"opm_q_base": 4}), (("pmr",), {"pmr_alpha": 3}), (("agm",), {"agm_alpha": 4})]
     digits = study_plan({**NOTEBOOK, "DATASET": "colored_mnist"}).studies["sensitivity"].grids
     assert [g.options["epsilon"] for g in digits[:2]] == [(0.01, 0.03, 0.1, 0.3, 1.0), (0.1,)]
     assert plan.executor.name == "local"

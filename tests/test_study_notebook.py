@@ -10,7 +10,8 @@ TINY = dict(DATASET="embedded", IMAGE_SIZE=16, BATCH_SIZE=8, MAX_EPOCHS=1, EMBED
             EMBEDDED_TEST_PER_CLASS=1, MODEL="greedymm.models.zoo:mmtm_convnet", GREEDY_LRS=[0.05], GREEDY_SEEDS=[0],
             GREEDY_PAIRS=["distinct", "identical"],
             REG_L1S=[0.0, 0.001], REG_SEEDS=[0], SENS_EPSILONS=[0.01, 1.0], SENS_WINDOWS=[5], SENS_ALPHAS=[0.5],
-            SENS_PERIODS=[1], SENS_SEEDS=[0], EXECUTOR="local")
+            SENS_PERIODS=[1], SENS_GAMMAS=[1.5], SENS_Q_BASES=[0.5], SENS_PMR_ALPHAS=[1.0], SENS_AGM_ALPHAS=[0.1],
+            SENS_SEEDS=[0], EXECUTOR="local")
 
 
 @pytest.mark.slow
@@ -23,7 +24,7 @@ def test_studies_notebook_runs(tmp_path):
     summary = json.loads((tmp_path / "logging" / "studies" / "summary.json").read_text())["studies"]
     assert {k: (v["runs"], v["ran"], v["failed"]) for k, v in summary.items()} == {
         "greedy_learner": (2, 2, 0),
-        "regularization": (2, 2, 0), "sensitivity": (4, 4, 0)}
+        "regularization": (2, 2, 0), "sensitivity": (8, 8, 0)}
     for study in summary.values():
         lines = Path(study["runs_jsonl"]).read_text().splitlines()
         assert len(lines) == study["runs"] and all(json.loads(x)["status"] == "ok" for x in lines)
