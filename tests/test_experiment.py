@@ -264,3 +264,11 @@ def test_colored_digits_vanilla_falls_for_the_color_shortcut(tmp_path):
     assert all(r["status"] == "ok" for r in runs)
     assert vanilla < gray - 0.2, (vanilla, gray)
     assert runs[1]["acc1"] > vanilla  # its gray branch alone does better than the color-led fused prediction
+
+
+def test_format_table_orders_rows_as_the_paper_whatever_the_mapping_order():
+    row = {"runs": 1, "failed": [], **{k: (0.5, 0.0, 1) for k in ("acc", "acc0", "acc1", "u_m1_m0", "u_m0_m1",
+                                                                   "d_util", "d_speed")}}
+    table = {name: row for name in ("guided", "random", "rubi", "unimodal_m1", "vanilla")}  # sorted, as in JSON
+    rows = [line.split(" | ")[0].strip("| ").split(" (")[0] for line in format_table(table).splitlines()[2:]]
+    assert rows == ["unimodal_m1", "vanilla", "rubi", "random", "guided"]

@@ -69,8 +69,10 @@ def publish_balancers(log_dir: Path) -> Path:
     for path in sorted((log_dir / "balancers").glob("*/results_*.json")):
         results = json.loads(path.read_text())
         key = f"{path.stem[len('results_'):]}/{path.parent.name}"
+        figures = [copy_figure(Path(f), f"balancers_{path.parent.name}_{Path(f).name}")
+                   for f in results.get("figures", []) if Path(f).exists()]
         tables[key] = {**{k: v for k, v in results.items() if k not in ("runs", "figures")},
-                       "runs": [slim(r) for r in results["runs"]]}
+                       "runs": [slim(r) for r in results["runs"]], "figures": figures}
     if not tables:
         raise FileNotFoundError(2, "no results", str(log_dir / "balancers" / "<fusion>" / "results_<dataset>.json"))
     return dump({"tables": tables}, RESULTS / "balancers.json")

@@ -202,6 +202,28 @@ def balancers_tables() -> str:
     return "\n\n".join(parts)
 
 
+@block("balancers-summary")
+def balancers_summary() -> str:
+    """One compact table: per method, mean fused accuracy and mean |d_util| for each dataset and fusion."""
+    tables = load("balancers")["tables"]
+    keys = sorted(tables)
+    methods: List[str] = []
+    for key in keys:
+        methods += [m for m in tables[key]["summary"] if m not in methods]
+    head = "| method | " + " | ".join(f"{k.replace('/', ', ')}: acc % / \\|d_util\\|" for k in keys) + " |"
+    lines = [head, "|---|" + "---|" * len(keys)]
+    for method in methods:
+        cells = []
+        for key in keys:
+            results = tables[key]
+            acc = runs_of(results, method, "acc")
+            d = [v for v in runs_of(results, method, "d_util", True) if math.isfinite(v)]
+            cells.append(f"{pm(acc, 100, 1)} / {pm(d) if d else 'undef.'}" if acc else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    seeds = sorted({len(tables[k]["seeds"]) for k in keys})
+    return "\n".join(lines) + f"\n\n{'/'.join(map(str, seeds))} seeds per cell; mean ± std; `make balancers`."
+
+
 def balancer_verdict(results: dict) -> str:
     """Per method against vanilla: lower mean |d_util| and higher mean accuracy, each by more than the larger std."""
     if not runs_of(results, "vanilla", "acc"):
@@ -261,10 +283,25 @@ def bench_table() -> str:
     for key, what, ref in BENCH_ROWS:
         if key in b:
             lines.append(f"| `{key}` | {what} | {number(b[key])} | {ref} |")
-    for key in sorted(k for k in b if k.startswith("methods.") and k.endswith("_ratio")):
-        lines.append(f"| `{key}` | a step of {key.split('.')[1].rsplit('_ratio', 1)[0]} beside vanilla's (×) | "
-                     f"{b[key]:.2f} | |")
     return "\n".join(lines) + f"\n\nDevice: {b.get('train.device', 'cpu')}; study setup: {b.get('study.bench_setup', '')}."
+
+
+@block("methods-cost")
+def methods_cost() -> str:
+    """Each method's training step beside vanilla's, per fusion (bench/bench_methods.py)."""
+    b = bench()
+    ratios = {k[len("methods.ratio_"):]: v for k, v in b.items() if k.startswith("methods.ratio_")}
+    fusions = sorted({k.rsplit("_", 2)[-2] + "_" + k.rsplit("_", 1)[-1] if k.endswith("_concat") or k.endswith("_sum")
+                      else k.rsplit("_", 1)[-1] for k in ratios})
+    methods = []
+    for k in ratios:
+        m = next(k[: -len(f) - 1] for f in fusions if k.endswith("_" + f))
+        methods += [m] if m not in methods else []
+    lines = ["| method | " + " | ".join(f"step vs vanilla, {f}" for f in fusions) + " |", "|---|" + "---|" * len(fusions)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{ratios[f'{m}_{f}']:.2f}×" if f"{m}_{f}" in ratios else ""
+                                              for f in fusions) + " |")
+    return "\n".join(lines) + f"\n\n`bench/bench_methods.py` on {b.get('methods.device', 'cpu')}; medians, side by side."
 
 
 # --------------------------------------------------------------------------------------- the make targets' wall times

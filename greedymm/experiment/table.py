@@ -129,7 +129,8 @@ def format_table(table: Mapping[str, dict], paper: Optional[Mapping[str, dict]] 
     if paper:
         head += ["paper acc %", "paper d_util"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for alg, row in table.items():
+    for alg in table_order(list(table)):  # a results file's JSON may hold the rows in another (sorted) order
+        row = table[alg]
         failed = row.get("failed", [])
         seeds = str(row["acc"][2]) if not failed else f"{row['acc'][2]} of {row['runs']} (failed: " \
             f"{', '.join(f's{s}' for s in failed)})"
