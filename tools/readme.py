@@ -21,11 +21,13 @@ sys.path.insert(0, str(ROOT))
 from greedymm.experiment.table import format_table, paper_column  # noqa: E402
 from greedymm.study.figures import summary_table  # noqa: E402
 from greedymm.study.runner import study_table  # noqa: E402
+from greedymm.study.stats import cls_cur_correlations  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 BENCH = ROOT / "bench" / "results.json"
 PAGES = ("README.md", "docs/*.md")
-BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /generated: (?P=name) -->)", re.S)
+# a block's body holds whole lines (none, when it was never rendered)
+BLOCK = re.compile(r"<!-- generated: (?P<name>[\w-]+) -->\n(?P<body>(?:.*?\n)??)<!-- /generated: (?P=name) -->", re.S)
 Renderer = Callable[[], str]
 BLOCKS: Dict[str, Renderer] = {}
 
@@ -167,6 +169,24 @@ def studies_cls_cur() -> str:
     cls_cur = load("studies")["cls_cur"]
     return "\n".join(f"- {'all runs of the population' if k == 'all' else k + ' pairs'}: Spearman "
                      f"{v['spearman']:+.2f} over {v['n']} runs" for k, v in cls_cur.items() if k != "figure")
+
+
+def late_greedy_studies() -> Dict[str, List[dict]]:
+    """The greedy-learner studies on late fusion (GREEDY_FUSIONS): {fusion: records}."""
+    studies = load("studies")["studies"]
+    return {k[len("greedy_learner_"):]: v["records"] for k, v in studies.items() if k.startswith("greedy_learner_")}
+
+
+@block("studies-greedy-late")
+def studies_greedy_late() -> str:
+    """The greedy-learner table and CLS -> CUR correlations of each late-fusion study (SPEC Sec. 13)."""
+    parts = []
+    for fusion, records in late_greedy_studies().items():
+        corr = cls_cur_correlations(records)
+        parts.append(f"**{fusion}**:\n\n" + study_table("greedy_learner", records) + "\n\nCLS -> CUR on " + fusion
+                     + ": " + "; ".join(f"{'all runs' if k == 'all' else k + ' pairs'}: Spearman {rho:+.2f} over "
+                                        f"{n} runs" for k, (rho, n) in corr.items()) + ".")
+    return "\n\n".join(parts) or "(no late-fusion study in the results file)"
 
 
 @block("studies-regularization")
@@ -336,7 +356,7 @@ def render(text: str, where: str = "README.md") -> str:
         name = match["name"]
         if name not in BLOCKS:
             raise KeyError(f"{where}: block {name!r} has no renderer; known: {', '.join(sorted(BLOCKS))}")
-        return match.group(1) + BLOCKS[name]().strip("\n") + match.group(4)
+        return f"<!-- generated: {name} -->\n{BLOCKS[name]().strip(chr(10))}\n<!-- /generated: {name} -->"
     return BLOCK.sub(fill, text)
 
 
