@@ -51,14 +51,15 @@ studies: install
 		-k python3 -f studies_embedded.yaml --cwd .
 
 # every registered two-branch method on the colored digits and the embedded dataset, for each fusion, 3 seeds;
-# logs and results_<dataset>.json under logging/balancers/<fusion>/ (the checkpoints are shared with make run's)
+# logs and results_<dataset>.json under logging/balancers/<fusion>/, checkpoints under checkpoints/balancers/ (a run's
+# name does not hold its epoch budget, so make run-digits' 150-epoch runs must not stand in for 60-epoch ones)
 BALANCER_FUSIONS ?= mmtm late_concat
 balancers: install
 	@for fusion in $(BALANCER_FUSIONS); do \
 	  $(BIN)/python -m greedymm run --config balancers_digits.yaml --methods all --set FUSION=$$fusion \
-	    --set LOG_DIR=logging/balancers/$$fusion || exit 1; \
+	    --set LOG_DIR=logging/balancers/$$fusion --set CKPT_DIR=checkpoints/balancers || exit 1; \
 	  $(BIN)/python -m greedymm run --config notebook_embedded.yaml --methods all --seeds 0 1 2 --set FUSION=$$fusion \
-	    --set LOG_DIR=logging/balancers/$$fusion || exit 1; \
+	    --set LOG_DIR=logging/balancers/$$fusion --set CKPT_DIR=checkpoints/balancers || exit 1; \
 	done
 
 publish: install

@@ -26,6 +26,7 @@ FIGURES = ROOT / "docs" / "figures"
 # Record fields a reader does not need (local paths, machine names, errors' stack traces, nested identities).
 DROPPED = ("log_dir", "best_path", "traceback", "host", "history", "data", "train", "key")
 TABLES = ("embedded", "colored_digits")  # the notebook's results_<dataset>.json files
+BALANCER_FIGURES = ("d_util", "robustness")  # the figures of make balancers' tables that the docs show
 
 
 def slim(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -70,7 +71,7 @@ def publish_balancers(log_dir: Path) -> Path:
         results = json.loads(path.read_text())
         key = f"{path.stem[len('results_'):]}/{path.parent.name}"
         figures = [copy_figure(Path(f), f"balancers_{path.parent.name}_{Path(f).name}")
-                   for f in results.get("figures", []) if Path(f).exists()]
+                   for f in results.get("figures", []) if Path(f).exists() and Path(f).stem.endswith(BALANCER_FIGURES)]
         tables[key] = {**{k: v for k, v in results.items() if k not in ("runs", "figures")},
                        "runs": [slim(r) for r in results["runs"]], "figures": figures}
     if not tables:

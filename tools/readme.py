@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from greedymm.experiment.table import format_table, paper_column  # noqa: E402
+from greedymm.experiment.table import format_table, paper_column, table_order  # noqa: E402
 from greedymm.study.figures import summary_table  # noqa: E402
 from greedymm.study.runner import study_table  # noqa: E402
 from greedymm.study.stats import cls_cur_correlations  # noqa: E402
@@ -86,6 +86,39 @@ def protocol_line(results: dict) -> str:
 def embedded_table() -> str:
     results = load("embedded")
     return format_table(results["summary"], paper_column("embedded")) + "\n\n" + protocol_line(results) + "."
+
+
+def compact_table(results: dict, paper: Optional[dict] = None) -> str:
+    """The README's short table: per row, seeds, fused accuracy, the two rates and d_util (mean ± std over seeds),
+    and beside them the paper's accuracy and our distance to it; the full table is on docs/results.md."""
+    table = results["summary"]
+    cols = ["row", "seeds", "acc %", "u(m1\\|m0)", "u(m0\\|m1)", "d_util"] + (["paper acc %", "ours − paper"] if paper else [])
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for alg in table_order(list(table)):
+        row = table[alg]
+        cell = lambda k, scale=1.0, digits=3: (f"{scale * row[k][0]:.{digits}f} ± {scale * row[k][1]:.{digits}f}"  # noqa: E731
+                                               if k in row and row[k][2] > 0 else "n/a")
+        d = cell("d_util") + (f" ({row['undefined']} undef.)" if row.get("undefined") else "")
+        line = f"| {alg} | {row['acc'][2]} | {cell('acc', 100, 1)} | {cell('u_m1_m0')} | {cell('u_m0_m1')} | {d} |"
+        if paper:
+            best = alg.startswith("unimodal") and alg == max((a for a in table if a.startswith("unimodal")),
+                                                             key=lambda a: table[a]["acc"][0])
+            ref = paper.get("unimodal" if best else alg, {}) if (best or not alg.startswith("unimodal")) else {}
+            line += (f" {ref['acc'][0]:.1f} | {100 * row['acc'][0] - ref['acc'][0]:+.1f} |" if "acc" in ref else " | |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@block("embedded-compact")
+def embedded_compact() -> str:
+    results = load("embedded")
+    return compact_table(results) + "\n\n" + protocol_line(results) + "."
+
+
+@block("digits-compact")
+def digits_compact() -> str:
+    results = load("colored_digits")
+    return compact_table(results, paper_column("colored_digits")) + "\n\n" + protocol_line(results) + "."
 
 
 @block("embedded-verdict")
@@ -230,7 +263,8 @@ def balancers_summary() -> str:
     methods: List[str] = []
     for key in keys:
         methods += [m for m in tables[key]["summary"] if m not in methods]
-    head = "| method | " + " | ".join(f"{k.replace('/', ', ')}: acc % / \\|d_util\\|" for k in keys) + " |"
+    methods = table_order(methods)
+    head = "| method | " + " | ".join(k.replace("/", ", ") for k in keys) + " |"
     lines = [head, "|---|" + "---|" * len(keys)]
     for method in methods:
         cells = []
@@ -241,7 +275,7 @@ def balancers_summary() -> str:
             cells.append(f"{pm(acc, 100, 1)} / {pm(d) if d else 'undef.'}" if acc else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     seeds = sorted({len(tables[k]["seeds"]) for k in keys})
-    return "\n".join(lines) + f"\n\n{'/'.join(map(str, seeds))} seeds per cell; mean ± std; `make balancers`."
+    return "\n".join(lines) + f"\n\nEach cell: fused test accuracy % / \\|d_util\\|, mean ± std over {'/'.join(map(str, seeds))} seeds."
 
 
 def balancer_verdict(results: dict) -> str:
@@ -250,7 +284,7 @@ def balancer_verdict(results: dict) -> str:
         return "(no vanilla row to compare with)"
     d_v, a_v = stats(runs_of(results, "vanilla", "d_util", True)), stats(runs_of(results, "vanilla", "acc"))
     use, acc_only, neither = [], [], []
-    for method in results["summary"]:
+    for method in table_order(list(results["summary"])):
         d_vals = runs_of(results, method, "d_util", True)
         if method == "vanilla" or not [v for v in d_vals if math.isfinite(v)]:
             continue
@@ -260,8 +294,8 @@ def balancer_verdict(results: dict) -> str:
         (use if balances else acc_only if more_acc else neither).append(
             f"{method} (|d_util| {d[0]:.2f} vs {d_v[0]:.2f}, acc {100 * a[0]:.1f}% vs {100 * a_v[0]:.1f}%)")
     said = lambda xs: "; ".join(xs) if xs else "none"  # noqa: E731
-    return (f"Raise the weak modality's use beyond the seed spread: {said(use)}. Only raise accuracy: "
-            f"{said(acc_only)}. Neither, beyond the spread: {said(neither)}.")
+    return (f"Against vanilla, by more than the seed spread. Lower |d_util| (the modalities used more evenly): "
+            f"{said(use)}. Higher accuracy only: {said(acc_only)}. Neither: {said(neither)}.")
 
 
 # ------------------------------------------------------------------------------------------------ make bench (bench)
