@@ -99,10 +99,11 @@ def compact_table(results: dict, paper: Optional[dict] = None) -> str:
         cell = lambda k, scale=1.0, digits=3: (f"{scale * row[k][0]:.{digits}f} ± {scale * row[k][1]:.{digits}f}"  # noqa: E731
                                                if k in row and row[k][2] > 0 else "n/a")
         d = cell("d_util") + (f" ({row['undefined']} undef.)" if row.get("undefined") else "")
-        line = f"| {alg} | {row['acc'][2]} | {cell('acc', 100, 1)} | {cell('u_m1_m0')} | {cell('u_m0_m1')} | {d} |"
+        best = alg.startswith("unimodal") and alg == max((a for a in table if a.startswith("unimodal")),
+                                                         key=lambda a: table[a]["acc"][0])
+        name = f"{alg} (best)" if best else alg
+        line = f"| {name} | {row['acc'][2]} | {cell('acc', 100, 1)} | {cell('u_m1_m0')} | {cell('u_m0_m1')} | {d} |"
         if paper:
-            best = alg.startswith("unimodal") and alg == max((a for a in table if a.startswith("unimodal")),
-                                                             key=lambda a: table[a]["acc"][0])
             ref = paper.get("unimodal" if best else alg, {}) if (best or not alg.startswith("unimodal")) else {}
             line += (f" {ref['acc'][0]:.1f} | {100 * row['acc'][0] - ref['acc'][0]:+.1f} |" if "acc" in ref else " | |")
         lines.append(line)
