@@ -9,7 +9,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 from torch import nn
 
-from greedymm.models import TwoBranchNet, conv_branch
+from greedymm.models import LateFusionNet, TwoBranchNet, conv_branch
 
 NUM_CLASSES = 3
 
@@ -100,3 +100,21 @@ class TensorLoader:
         for b in range(start, len(self)):
             i = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.x0[i], self.x1[i], self.y[i]
+
+
+# ------------------------------------------------------------------------------- a late_concat model to compute by hand
+def identity_net(w0: Sequence[float], w1: Sequence[float], b: Sequence[float]) -> LateFusionNet:
+    """Encoders that pass the (B, 1) inputs through, and a late_concat head with W0 = w0, W1 = w1, b = b."""
+    net = LateFusionNet(nn.Sequential(nn.Identity()), nn.Sequential(nn.Identity()), (1, 1), len(b), "late_concat")
+    with torch.no_grad():
+        net.head0.weight.copy_(torch.tensor(w0).reshape(-1, 1))
+        net.head1.weight.copy_(torch.tensor(w1).reshape(-1, 1))
+        net.head_bias.copy_(torch.tensor(b))
+    return net
+
+
+# The late-fusion CUR example (tests/test_late_fusion.py computes it by hand): D_train (x0, x1, y), means 2 and -2,
+# and the test set.
+CUR_TRAIN = (torch.tensor([[1.0], [3.0]]), torch.tensor([[-2.0], [-2.0]]), torch.tensor([0, 1]))
+CUR_TEST = (torch.tensor([[1.0], [-1.0], [2.0], [-1.0], [3.0]]), torch.tensor([[1.0], [3.0], [-1.0], [-1.0], [-4.0]]),
+            torch.tensor([1, 1, 1, 0, 0]))

@@ -5,32 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.testing import assert_close
 
-from custom_branches import TensorLoader
+from custom_branches import CUR_TEST as TEST, CUR_TRAIN as TRAIN, TensorLoader, identity_net
 from greedymm.measures import compute_cut_means, evaluate
 from greedymm.measures.contribution import (coalition_values, fit_probe, input_std, linear_probes,
                                             modality_measures, robustness_curves, shapley_contribution,
                                             shapley_values)
 from greedymm.measures.evaluate import macro_f1
-from greedymm.models import LateFusionNet, final_linear, mmtm_convnet
-
-
-def identity_net(w0, w1, b):
-    """Encoders that pass the (B, 1) inputs through; late_concat head W0 = w0, W1 = w1, b = b."""
-    net = LateFusionNet(nn.Sequential(nn.Identity()), nn.Sequential(nn.Identity()), (1, 1), len(b), "late_concat")
-    with torch.no_grad():
-        net.head0.weight.copy_(torch.tensor(w0).reshape(-1, 1))
-        net.head1.weight.copy_(torch.tensor(w1).reshape(-1, 1))
-        net.head_bias.copy_(torch.tensor(b))
-    return net
-
-
-# The late-fusion CUR example of tests/test_late_fusion.py: z = [-(x0 + x1), x0 + x1]; D_train means 2 and -2.
-TRAIN = (torch.tensor([[1.0], [3.0]]), torch.tensor([[-2.0], [-2.0]]), torch.tensor([0, 1]))
-TEST = (torch.tensor([[1.0], [-1.0], [2.0], [-1.0], [3.0]]), torch.tensor([[1.0], [3.0], [-1.0], [-1.0], [-4.0]]),
-        torch.tensor([1, 1, 1, 0, 0]))
+from greedymm.models import final_linear, mmtm_convnet
 
 
 def loaders():

@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from conftest import ToyLoader, read_jsonl
-from custom_branches import TensorLoader
+from custom_branches import CUR_TEST, CUR_TRAIN, TensorLoader, identity_net
 from greedymm.config import DataConfig, TrainConfig, run_name
 from greedymm.measures import CLSTracker, compute_cut_means, conditional_utilization, evaluate
 from greedymm.methods import StepContext, make_method
@@ -24,16 +24,6 @@ def vector_net(head="late_concat", f=(2, 3), k=3, seed=0):
     """Encoders nn.Linear(4, F0), nn.Linear(5, F1) on vectors, seeded."""
     torch.manual_seed(seed)
     return LateFusionNet(nn.Sequential(nn.Linear(4, f[0])), nn.Sequential(nn.Linear(5, f[1])), f, k, head)
-
-
-def identity_net(w0, w1, b):
-    """Encoders that pass the (B, 1) inputs through, and a late_concat head with W0 = w0, W1 = w1, b = b."""
-    net = LateFusionNet(nn.Sequential(nn.Identity()), nn.Sequential(nn.Identity()), (1, 1), len(b), "late_concat")
-    with torch.no_grad():
-        net.head0.weight.copy_(torch.tensor(w0).reshape(-1, 1))
-        net.head1.weight.copy_(torch.tensor(w1).reshape(-1, 1))
-        net.head_bias.copy_(torch.tensor(b))
-    return net
 
 
 def ctx(mode=FusionMode.FUSED):
@@ -176,11 +166,8 @@ def test_late_fusion_cur_by_hand():
     e0 := 2: 2 + x1 = 3, 5, 1, 1, -2 -> 1, 1, 1, 1, 0: correct 1, 1, 1, 0, 1 -> A = 4/5.
     u(m1|m0) = (1 - 1/5) / 1 = 0.8, u(m0|m1) = (1 - 4/5) / 1 = 0.2, d_util = 0.6."""
     net = identity_net([-1.0, 1.0], [-1.0, 1.0], [0.0, 0.0])
-    train_data = (torch.tensor([[1.0], [3.0]]), torch.tensor([[-2.0], [-2.0]]), torch.tensor([0, 1]))
-    test_data = (torch.tensor([[1.0], [-1.0], [2.0], [-1.0], [3.0]]),
-                 torch.tensor([[1.0], [3.0], [-1.0], [-1.0], [-4.0]]), torch.tensor([1, 1, 1, 0, 0]))
-    res = conditional_utilization(net, TensorLoader(train_data, batch_size=2, shuffle=False),
-                                  TensorLoader(test_data, batch_size=2, shuffle=False))
+    res = conditional_utilization(net, TensorLoader(CUR_TRAIN, batch_size=2, shuffle=False),
+                                  TensorLoader(CUR_TEST, batch_size=2, shuffle=False))
     assert_close(res["acc"], 1.0)
     # partial logits: z0 = [-x0, x0] -> 1, 0, 1, 0, 1: correct 1, 0, 1, 1, 0; z1 = [-x1, x1] -> 1, 1, 0, 0, 0: 4/5
     assert_close((res["acc0"], res["acc1"]), (0.6, 0.8))

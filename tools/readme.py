@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from greedymm.experiment.table import format_table, paper_column, table_order  # noqa: E402
 from greedymm.study.figures import summary_table  # noqa: E402
 from greedymm.study.runner import study_table  # noqa: E402
-from greedymm.study.stats import cls_cur_correlations  # noqa: E402
+from greedymm.study.stats import cls_cur_correlations, mean_std  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 BENCH = ROOT / "bench" / "results.json"
@@ -49,20 +49,16 @@ def bench() -> dict:
     return json.loads(BENCH.read_text())
 
 
+def stats(values: Sequence[float]) -> tuple:
+    """(mean, population std, n) over the finite values (greedymm.study.stats.mean_std); NaN mean when none."""
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return (*mean_std(vals), len(vals)) if vals else (math.nan, math.nan, 0)
+
+
 def pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
     """"mean ± std" (population std over seeds) of the finite values."""
-    vals = [v * scale for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return "n/a"
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def stats(values: Sequence[float]) -> tuple:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    mean = sum(vals) / len(vals)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)), len(vals)
+    mean, std, n = stats(values)
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if n else "n/a"
 
 
 def runs_of(results: dict, algorithm: str, key: str, absolute: bool = False) -> List[float]:
